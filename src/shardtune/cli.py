@@ -1,0 +1,141 @@
+"""The `shardtune` command: validate, run, eval, predict."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shardtune.errors import ShardtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distributed, parameter-efficient fine-tuning from one YAML recipe.")
+out = Console()
+err = Console(stderr=True)
+
+RecipeArg = typer.Argument(..., help="recipe YAML file", show_default=False)
+OverridesArg = typer.Argument(None, help="overrides: section.key=value ...", show_default=False)
+
+
+def _fail(exc: ShardtuneError) -> None:
+    err.print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Check a recipe without starting anything; print it as resolved."""
+    from shardtune.recipe import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, overrides or [])
+    except ShardtuneError as exc:
+        _fail(exc)
+    sys.stdout.write(resolved.to_yaml())
+    err.print(f"[green]ok:[/] {recipe} is valid")
+
+
+@app.command()
+def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
+        address: Optional[str] = typer.Option(None, help="Ray cluster address to attach to "
+                                                         "(default: the recipe's, else an embedded cluster)")) -> None:
+    """Validate a recipe and train it on Ray + DeepSpeed."""
+    from shardtune.recipe import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, overrides or [])
+        from shardtune.orchestrate import run as run_recipe
+
+        result = run_recipe(resolved, address=address)
+    except ShardtuneError as exc:
+        _fail(exc)
+    _print_summary(result)
+
+
+@app.command("eval")
+def evaluate(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
+             data: Path = typer.Option(..., help="file in the same format and columns as the run's training data"),
+             format: Optional[str] = typer.Option(None, help="override the data format (jsonl, json, csv, tsv, textdir)"),
+             batch_size: int = typer.Option(32, min=1)) -> None:
+    """Score a trained run on another file; print the metrics as JSON."""
+    try:
+        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=True)
+    except ShardtuneError as exc:
+        _fail(exc)
+    metrics = loaded.task.metrics(outputs, examples)
+    print(json.dumps({"data": str(data), "examples": len(examples), **metrics}, indent=2))
+
+
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
+            data: Path = typer.Option(..., help="file of inputs in the run's data format (labels optional)"),
+            out_file: Path = typer.Option(..., "--out", help="where to write one JSON prediction per line"),
+            format: Optional[str] = typer.Option(None, help="override the data format"),
+            batch_size: int = typer.Option(32, min=1)) -> None:
+    """Write one prediction per input row as JSON lines."""
+    try:
+        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False)
+    except ShardtuneError as exc:
+        _fail(exc)
+    records = loaded.task.predictions(outputs, examples, rows)
+    # Write to a temporary name first: an interrupted predict leaves no truncated file.
+    partial = out_file.with_name(out_file.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    partial.replace(out_file)
+    err.print(f"wrote {len(records)} predictions to {out_file}")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _infer(run_dir: Path, data: Path, fmt: Optional[str], batch_size: int, *, with_targets: bool):
+    import torch
+
+    from shardtune.data import read_rows
+    from shardtune.errors import DataError
+    from shardtune.export import forward_outputs, load_run
+
+    if not data.exists():
+        raise DataError(f"data file '{data}' does not exist")
+    loaded = load_run(run_dir)
+    source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
+    if fmt is None and source.resolved_format == "":
+        source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
+    rows = read_rows(source)
+    examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)
+    outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size,
+                              torch.device("cpu"))
+    return loaded, rows, examples, outputs
+
+
+def _print_summary(result) -> None:
+    import json as _json
+
+    metrics = _json.loads((result.output_dir / "metrics.json").read_text())
+    before, final, summary = metrics["before"], metrics["final"], metrics["summary"]
+    table = Table(title="shardtune run", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key, value in final.items():
+        if key in ("epoch", "step"):
+            continue
+        was = before.get(key) if before else None
+        table.add_row(f"validation {key}", "" if was is None else f"{was:.4f}", f"{value:.4f}")
+    out.print(table)
+    trainable, total = summary["trainable_parameters"], summary["total_parameters"]
+    out.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    out.print(f"steps: {summary['steps']} on {summary['workers']} workers; "
+              f"time: {summary['wall_seconds']:.0f}s (first step after {summary['time_to_first_step_s']:.0f}s, "
+              f"{summary['steady_step_s']}s/step)")
+    out.print(f"outputs: {result.output_dir}  (adapter/, tokenizer/, metrics.json, logs/)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,336 @@
+"""The per-worker training loop: one file, top to bottom.
+
+Each worker: read the recipe -> load backbone, task head and adapter -> read and
+tokenise the data, take its shard -> wrap it all in a DeepSpeed engine -> evaluate,
+train, evaluate each epoch -> checkpoint -> save the adapter.
+
+Ray is not imported here. The loop talks to its launcher through a `Reporter`
+(orchestrate.py has the Ray one); `python -m shardtune.engine RECIPE` runs the same
+loop under torchrun or the DeepSpeed launcher, for debugging and GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shardtune import backbone, export
+from shardtune.adapters import apply_adapter, is_peft
+from shardtune.data import read_rows, sample, split_train_validation
+from shardtune.errors import DataError, RecipeError
+from shardtune.recipe import Recipe
+from shardtune.sharding import deepspeed_config, prepare_deepspeed
+from shardtune.tasks import get_task
+
+CHECKPOINT_TAG = "state"  # DeepSpeed checkpoint folder inside a reported checkpoint
+EXPORT_DIR = "export"     # the finished run's files inside the final checkpoint
+
+
+class Reporter(Protocol):
+    """How the loop talks to whatever launched it. Every rank calls report() equally often."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+
+    def latest_checkpoint(self) -> str | None: ...
+
+
+# ----------------------------------------------------------------------------- data
+def load_examples(recipe: Recipe, task, tokenizer):
+    """Read, split, sample and tokenise. Same result on every rank (all seeded)."""
+    train_rows = read_rows(recipe.data.train)
+    if recipe.data.validation is not None:
+        val_rows = read_rows(recipe.data.validation)
+    else:
+        train_rows, val_rows = split_train_validation(train_rows, recipe.data.validation_split,
+                                                      recipe.train.seed)
+    train_rows = sample(train_rows, recipe.data.max_train_examples, recipe.train.seed)
+    val_rows = sample(val_rows, recipe.data.max_eval_examples, recipe.train.seed)
+    task.fit_labels(train_rows)
+    return task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer)
+
+
+def epoch_micro_batches(n_examples: int, world: int, rank: int, micro: int, accum: int,
+                        seed: int, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches (example indices) for one epoch.
+
+    Every rank gets the same number of micro-batches, a multiple of the accumulation
+    steps: ZeRO's collectives hang if one rank steps more often than another.
+    """
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = n_examples // world
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    n_micro = (math.ceil(per_rank / micro) // accum) * accum
+    return [mine[i * micro:(i + 1) * micro] for i in range(n_micro)]
+
+
+def eval_shard(n_examples: int, world: int, rank: int) -> list[int]:
+    """Strided shard, padded with repeats so every rank runs the same number of forwards."""
+    mine = list(range(rank, n_examples, world))
+    per_rank = math.ceil(n_examples / world)
+    return mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+
+
+# ---------------------------------------------------------------------- the loop
+def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
+    recipe = Recipe.model_validate(recipe_dict)
+    tr, sh = recipe.train, recipe.sharding
+    started = time.perf_counter()
+
+    # Distributed set-up. Ray (or torchrun) already set RANK/WORLD_SIZE/MASTER_*.
+    prepare_deepspeed()
+    import deepspeed
+
+    use_gpu = recipe.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_gpu:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(recipe.cluster.cpus_per_worker)))
+    is_main = rank == 0
+    work_dir = Path(tempfile.mkdtemp(prefix=f"shardtune-rank{rank}-"))
+    log = RunLog(work_dir / EXPORT_DIR / "logs", enabled=is_main)
+
+    # Model: backbone + task head + adapter. Seed first so every rank builds the same
+    # head and adapter initialisation.
+    torch.manual_seed(tr.seed)
+    task = get_task(recipe)
+    tokenizer = backbone.load_tokenizer(recipe)
+    train_examples, val_examples = load_examples(recipe, task, tokenizer)
+    model = backbone.load_model(recipe, task, tokenizer)
+    model = apply_adapter(model, recipe, task)
+    trainable, total = backbone.count_parameters(model)
+    log(f"model ready: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%); {len(train_examples)} train / {len(val_examples)} "
+        f"validation examples; {world} workers, ZeRO-{sh.zero_stage}, {sh.precision}")
+
+    # Schedule: optimizer steps per epoch follow from the shard sizes.
+    micro_per_epoch = len(epoch_micro_batches(len(train_examples), world, 0, tr.micro_batch_size,
+                                              tr.gradient_accumulation_steps, tr.seed, 0))
+    steps_per_epoch = micro_per_epoch // tr.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_examples)} training examples are too few for one optimizer step "
+                        f"with {world} workers x micro_batch_size {tr.micro_batch_size} x "
+                        f"gradient_accumulation_steps {tr.gradient_accumulation_steps}; lower those")
+    total_steps = tr.max_steps or tr.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = tr.warmup_steps if tr.warmup_steps is not None else round(tr.warmup_ratio * total_steps)
+
+    # AdamW without weight decay on biases and norms; a torch optimizer, so DeepSpeed
+    # compiles nothing (see sharding.deepspeed_config).
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tr.learning_rate, betas=tr.adam_betas)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
+                                           lr_scheduler=scheduler,
+                                           config=deepspeed_config(recipe, world))
+
+    # Resume: Ray hands back the last reported checkpoint after a worker failure.
+    history: list[dict] = []
+    start_epoch = 0
+    resume_dir = reporter.latest_checkpoint()
+    if resume_dir and (Path(resume_dir) / CHECKPOINT_TAG).is_dir():
+        _, client_state = engine.load_checkpoint(resume_dir, tag=CHECKPOINT_TAG, load_module_strict=False)
+        start_epoch, history = client_state["epoch"], client_state["history"]
+        log(f"resumed from the checkpoint after epoch {start_epoch} (step {engine.global_steps})")
+
+    def evaluate(epoch: float) -> dict:
+        indices = eval_shard(len(val_examples), world, rank)
+        outputs = export.forward_outputs(engine.module, task, tokenizer, [val_examples[i] for i in indices],
+                                         tr.eval_batch_size or 2 * tr.micro_batch_size, device)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (indices, outputs))
+        by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
+        stacked = np.stack([by_index[i] for i in range(len(val_examples))])
+        metrics = {"epoch": round(epoch, 4), "step": engine.global_steps, **task.metrics(stacked, val_examples)}
+        history.append(metrics)
+        log.scalars("validation", metrics, engine.global_steps)
+        log("validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
+            + f" (epoch {epoch:g}, step {engine.global_steps})")
+        return metrics
+
+    if tr.eval_before_training and not history:
+        reporter.report(evaluate(0), None)
+
+    # Train.
+    step_times: list[float] = []
+    time_to_first_step = None
+    for epoch in range(start_epoch, epochs):
+        engine.train()
+        loss_sum, loss_count = torch.zeros(2, dtype=torch.float64), 0
+        step_started = time.perf_counter()
+        for micro in epoch_micro_batches(len(train_examples), world, rank, tr.micro_batch_size,
+                                         tr.gradient_accumulation_steps, tr.seed, epoch):
+            batch = task.collate([train_examples[i] for i in micro], tokenizer)
+            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            loss_sum += torch.tensor([loss.item() * len(micro), len(micro)], dtype=torch.float64)
+            if not boundary:
+                continue
+
+            now = time.perf_counter()
+            step_times.append(now - step_started)
+            step_started = now
+            if time_to_first_step is None:
+                time_to_first_step = now - started
+            step = engine.global_steps
+            if step % tr.log_every_steps == 0 or step == total_steps:
+                lr = engine.get_lr()[0]
+                eta = statistics.median(step_times[-20:]) * (total_steps - step)
+                log(f"epoch {epoch + 1}/{epochs} step {step}/{total_steps} loss {loss.item():.4f} "
+                    f"lr {lr:.2e} {step_times[-1]:.2f}s/step eta {_duration(eta)}")
+                log.scalars("train", {"loss": loss.item(), "lr": lr}, step)
+            if tr.eval_every_steps and step % tr.eval_every_steps == 0 and step != total_steps:
+                reporter.report(evaluate(epoch + (step - epoch * steps_per_epoch) / steps_per_epoch), None)
+            if step >= total_steps:
+                break
+
+        # End of epoch: evaluate and checkpoint everything (adapter, optimizer, schedule).
+        dist.all_reduce(loss_sum)
+        metrics = evaluate(engine.global_steps / steps_per_epoch)
+        metrics["train_loss"] = float(loss_sum[0] / max(loss_sum[1], 1))
+        checkpoint = work_dir / f"checkpoint-{epoch + 1}"
+        engine.save_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True,
+                               client_state={"epoch": epoch + 1, "history": history})
+        reporter.report(metrics, str(checkpoint))
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the reporter has its own copy now
+        if engine.global_steps >= total_steps:
+            break
+
+    # Save the run's files (rank 0) and hand them over with the final report.
+    out = work_dir / EXPORT_DIR
+    export.save_trained(engine.module, out, is_peft=is_peft(recipe), zero_stage=sh.zero_stage, is_main=is_main)
+    peak = _peak_memory_mb(device)
+    peaks = [None] * world
+    dist.all_gather_object(peaks, peak)
+    steady = step_times[3:] or step_times
+    summary = {
+        "trainable_parameters": trainable, "total_parameters": total,
+        "train_examples": len(train_examples), "validation_examples": len(val_examples),
+        "steps": engine.global_steps, "epochs": epochs, "workers": world,
+        "worker_seconds": round(time.perf_counter() - started, 2),
+        "time_to_first_step_s": round(time_to_first_step or 0.0, 2),
+        "steady_step_s": round(statistics.median(steady), 4) if steady else None,
+        "peak_memory_mb_per_worker": peaks,
+    }
+    if is_main:
+        tokenizer.save_pretrained(out / "tokenizer")
+        (out / export.TASK_STATE).write_text(json.dumps(task.state(), indent=2))
+        (out / "history.json").write_text(json.dumps({"history": history, "summary": summary}, indent=2))
+        log(f"done: {engine.global_steps} steps in {_duration(summary['worker_seconds'])}")
+        log.close()
+    reporter.report({**history[-1], "final": True, **summary}, str(out) if is_main else None)
+    dist.barrier()
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- helpers
+class RunLog:
+    """Progress lines to stdout and logs/train.log, and scalars to TensorBoard (rank 0 only)."""
+
+    def __init__(self, directory: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = self.writer = None
+        if enabled:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.file = open(directory / "train.log", "a", buffering=1)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(directory / "tensorboard"))
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            line = f"[shardtune {time.strftime('%H:%M:%S')}] {message}"
+            # sys.stdout directly: Ray Train patches print() and would emit every line twice.
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            self.file.write(line + "\n")
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.enabled:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ------------------------------------------------------------------ without Ray
+class LocalReporter:
+    """For `torchrun -m shardtune.engine`: checkpoints are copied into OUTPUT/checkpoint."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:
+            target = self.output_dir / ("final" if metrics.get("final") else "checkpoint")
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+        dist.barrier()
+
+    def latest_checkpoint(self) -> str | None:
+        path = self.output_dir / "checkpoint"
+        return str(path) if path.is_dir() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun --nproc-per-node N -m shardtune.engine RECIPE [key=value ...]"""
+    from shardtune.recipe import load_recipe
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(main.__doc__)
+        return 2
+    try:
+        recipe = load_recipe(argv[0], argv[1:])
+    except RecipeError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    output = Path(recipe.output.dir)
+    output.mkdir(parents=True, exist_ok=True)
+    train_worker(recipe.model_dump(mode="json"), LocalReporter(output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Saving a trained run in the ecosystem's formats, and loading it back for eval/predict.
+
+A run directory:
+  adapter/      PEFT adapter (safetensors) with the task head, loadable by plain peft
+  model/        the whole model instead, for full fine-tuning (adapter.method: none)
+  tokenizer/    the HF tokenizer
+  task.json     what rebuilds the task (label names)
+  recipe.yaml   the recipe as resolved
+  metrics.json  every evaluation, the final metrics and the run summary
+  logs/         train.log and TensorBoard events
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shardtune.errors import RunError
+
+TASK_STATE = "task.json"
+
+
+def save_trained(model: torch.nn.Module, directory: Path, *, is_peft: bool, zero_stage: int,
+                 is_main: bool) -> None:
+    """Write the adapter (or the full model) from rank 0; every rank must call this.
+
+    Under ZeRO-3 each rank holds a slice of every parameter, so the trainable ones are
+    gathered first; without that the saved adapter would hold empty tensors.
+    """
+    params = [p for p in model.parameters() if p.requires_grad] if is_peft else list(model.parameters())
+    if zero_stage == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        gathered = nullcontext()
+    with gathered:
+        if is_main:
+            model.save_pretrained(directory / ("adapter" if is_peft else "model"), safe_serialization=True)
+
+
+@torch.no_grad()
+def forward_outputs(model: torch.nn.Module, task, tokenizer, examples, batch_size: int,
+                    device: torch.device) -> np.ndarray:
+    """The model's outputs (logits) for examples, in order, as float32 numpy."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(examples), batch_size):
+        batch = task.collate(examples[start:start + batch_size], tokenizer)
+        batch.pop("labels", None)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        chunks.append(model(**batch).logits.float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(chunks) if chunks else np.zeros((0,))
+
+
+@dataclass
+class LoadedRun:
+    recipe: object
+    task: object
+    tokenizer: object
+    model: torch.nn.Module
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a trained model from a run directory with plain transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from shardtune.backbone import load_kwargs, model_location
+    from shardtune.recipe import load_recipe
+    from shardtune.tasks import get_task
+
+    run_dir = Path(run_dir)
+    for needed in ("recipe.yaml", TASK_STATE, "tokenizer"):
+        if not (run_dir / needed).exists():
+            raise RunError(f"'{run_dir}' is not a finished shardtune run: {needed} is missing "
+                           "(give the output.dir of a run that completed)")
+    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    task = get_task(recipe)
+    task.load_state(json.loads((run_dir / TASK_STATE).read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    if (run_dir / "adapter").is_dir():
+        base = task.build_model(model_location(recipe), load_kwargs(recipe))
+        if getattr(base.config, "pad_token_id", None) is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    elif (run_dir / "model").is_dir():
+        model = task.build_model(str(run_dir / "model"), load_kwargs(recipe))
+    else:
+        raise RunError(f"'{run_dir}' holds neither adapter/ nor model/; the run did not finish")
+    model.eval()
+    return LoadedRun(recipe, task, tokenizer, model)

@@ -1,0 +1,188 @@
+"""Ray: start or attach a cluster, run the worker loop in a TorchTrainer, collect the run.
+
+The only module that imports Ray. The output directory is written atomically: the run
+builds `<dir>.partial` and renames it into place only when it finished, so a failed
+run never leaves something that looks like a finished one (and never destroys an
+earlier run: with `if_exists: overwrite` the old one is replaced only at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardtune.engine import train_worker
+from shardtune.errors import RunError, ShardtuneError
+from shardtune.recipe import Recipe
+
+# Environment every worker needs: no hub access attempts when offline, quiet tokenizers.
+_WORKER_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+                           "TORCH_EXTENSIONS_DIR", "PYTHONPATH")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict
+    seconds: float
+
+
+def run(recipe: Recipe, *, address: str | None = None) -> RunResult:
+    """Train a recipe on Ray; returns when the run's output directory is complete."""
+    started = time.perf_counter()
+    preflight(recipe)
+    final_dir = Path(recipe.output.dir).resolve()
+    staging = _claim_output(final_dir, recipe.output.if_exists)
+    try:
+        (staging / "recipe.yaml").write_text(recipe.to_yaml())
+        metrics = _fit(recipe, staging, address or recipe.cluster.address)
+        _finish(staging, final_dir, recipe, metrics, started)
+    except BaseException:
+        # Keep nothing half-written under the run's name; the staging folder is only
+        # kept when the user asked to keep checkpoints (for a manual resume).
+        if not recipe.output.keep_checkpoints:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RunResult(final_dir, metrics, time.perf_counter() - started)
+
+
+def preflight(recipe: Recipe) -> None:
+    """Read and tokenise the data on the driver, so a bad row fails before Ray starts."""
+    from shardtune.backbone import load_tokenizer
+    from shardtune.engine import load_examples
+    from shardtune.tasks import get_task
+
+    load_examples(recipe, get_task(recipe), load_tokenizer(recipe))
+
+
+def _claim_output(final_dir: Path, if_exists: str) -> Path:
+    if final_dir.exists() and any(final_dir.iterdir()) and if_exists == "error":
+        raise RunError(f"output directory '{final_dir}' already exists and is not empty; "
+                       "choose another output.dir or set output.if_exists=overwrite")
+    staging = final_dir.with_name(final_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a crashed earlier attempt of this run
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started_here = _connect(recipe, address)
+    try:
+        cl = recipe.cluster
+        use_gpu = cl.gpus_per_worker > 0
+        resources = {"CPU": cl.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = cl.gpus_per_worker
+        env = {k: os.environ[k] for k in _WORKER_ENV_PASSTHROUGH if k in os.environ}
+        env.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        if not use_gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+        trainer = TorchTrainer(
+            train_loop_per_worker=_ray_worker,
+            train_loop_config={"recipe": recipe.model_dump(mode="json")},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name="ray", storage_path=str(staging),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=cl.max_failures),
+                worker_runtime_env={"env_vars": env}),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise _explain_failure(exc) from None
+        if result.checkpoint is None or not result.metrics.get("final"):
+            raise RunError("the workers finished without reporting the final checkpoint; see the log above")
+        with result.checkpoint.as_directory() as checkpoint:
+            for item in Path(checkpoint).iterdir():
+                shutil.move(str(item), staging / item.name)
+        return result.metrics
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _connect(recipe: Recipe, address: str | None) -> bool:
+    """Attach to `address`, or start an embedded single-node cluster. True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False  # a caller (a test session, a notebook) owns the cluster
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if address:
+        ray.init(address=address, **quiet)
+        return True
+    cl = recipe.cluster
+    needed = cl.workers * cl.cpus_per_worker
+    # "local" never attaches to a cluster left running on the host. No dashboard: an
+    # embedded cluster serves nothing to the network.
+    ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1),
+             num_gpus=int(cl.workers * cl.gpus_per_worker) or None,
+             include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+    return True
+
+
+def _explain_failure(exc: Exception) -> ShardtuneError:
+    """Surface a user error raised inside a worker as itself; anything else as a RunError."""
+    failures = getattr(exc, "worker_failures", {}) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = failure
+        while cause is not None:
+            if isinstance(cause, ShardtuneError):
+                return cause
+            cause = getattr(cause, "cause", None) or cause.__cause__
+    first = next(iter(sorted(failures.items())), None)
+    detail = f"worker {first[0]} failed: {first[1]}" if first else str(exc)
+    return RunError(f"training failed; {detail}")
+
+
+def _finish(staging: Path, final_dir: Path, recipe: Recipe, final: dict, started: float) -> None:
+    """metrics.json, then swap the staging folder into place."""
+    record = json.loads((staging / "history.json").read_text())
+    (staging / "history.json").unlink()
+    history, summary = record["history"], record["summary"]
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    metrics = {"before": history[0] if recipe.train.eval_before_training else None,
+               "final": history[-1], "history": history, "summary": summary}
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    final.update(summary)
+    if not recipe.output.keep_checkpoints:
+        shutil.rmtree(staging / "ray", ignore_errors=True)
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final_dir.rename(old)
+        staging.rename(final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(final_dir)
+
+
+class _RayReporter:
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint else None
+
+
+def _ray_worker(config: dict) -> None:
+    train_worker(config["recipe"], _RayReporter())

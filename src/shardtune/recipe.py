@@ -1,0 +1,384 @@
+"""The recipe: the user's whole interface, as a typed schema.
+
+A recipe is YAML, loaded with a safe loader and validated here before anything
+starts. Unknown keys are errors with a did-you-mean; cross-field rules
+(`check_rules`) run before any worker starts. Loading never imports or runs
+code named in the recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shardtune.errors import RecipeError
+from shardtune.sources import resolve_local
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelSection(Section):
+    path: str = Field(description="hub id, local directory, or package:NAME/PATH of an installed package")
+    gguf_file: str | None = Field(None, description="GGUF file inside `path` to load and dequantise")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the backbone weights are loaded in")
+
+
+class QuantizationSection(Section):
+    mode: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none", description="bitsandbytes quantisation of the frozen backbone")
+
+
+# ------------------------------------------------------------------------- adapter
+class AdapterSection(Section):
+    method: Literal["lora", "none"] = Field(
+        "lora", description="lora: train low-rank adapters; none: full fine-tuning (every weight trains)")
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank; higher trains more parameters")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="module names to adapt, or all-linear")
+    modules_to_save: list[str] | None = Field(
+        None, description="extra modules trained in full and saved with the adapter; "
+                          "default: the task's head")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be all-linear")
+        return value
+
+
+# ---------------------------------------------------------------------------- task
+class SequenceClassificationTask(Section):
+    type: Literal["sequence_classification"] = "sequence_classification"
+    labels: list[str] | None = Field(
+        None, description="label names in order; default: the sorted distinct labels of the training data")
+    train_pooler: bool = Field(
+        True, description="train the encoder's pooler with the head (BERT-style models); "
+                          "sentence encoders ship an untrained pooler")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, value):
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("needs at least two labels")
+            if len(set(value)) != len(value):
+                raise ValueError("labels must be distinct")
+        return value
+
+
+TaskSection = Annotated[Union[SequenceClassificationTask], Field(discriminator="type")]
+TASK_TYPES = ["sequence_classification"]
+
+
+# ---------------------------------------------------------------------------- data
+DATA_FORMATS = ("jsonl", "json", "csv", "tsv", "textdir")
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+
+
+class DataSource(Section):
+    path: str = Field(description="file (or folder, for textdir) path or package:NAME/PATH")
+    format: Literal["jsonl", "json", "csv", "tsv", "textdir"] | None = Field(
+        None, description="file format; default: from the file suffix. textdir: one sub-folder "
+                          "per label, one text file per example")
+    header: bool = Field(True, description="csv/tsv: the first row names the columns")
+    column_names: list[str] | None = Field(None, description="csv/tsv without header: the column names")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        return _SUFFIX_FORMATS.get(Path(self.path).suffix.lower(), "")
+
+
+class DataSection(Section):
+    train: DataSource = Field(description="training data")
+    validation: DataSource | None = Field(None, description="validation data; default: split from train")
+    validation_split: float = Field(0.1, gt=0, lt=1, description="fraction of train held out when no validation file")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="task role -> column name, e.g. {text: sentence, label: label}")
+    max_length: int = Field(128, ge=8, le=32768, description="tokens per example after truncation")
+    max_train_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many training rows")
+    max_eval_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many validation rows")
+
+
+# --------------------------------------------------------------------------- train
+class TrainSection(Section):
+    epochs: int = Field(3, ge=1, le=10_000, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    micro_batch_size: int = Field(16, ge=1, description="examples per worker per forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    eval_batch_size: int | None = Field(None, ge=1, description="examples per worker per eval pass; default 2x micro")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="peak AdamW learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="decay after warm-up")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of steps spent warming up")
+    warmup_steps: int | None = Field(None, ge=0, description="warm-up steps (overrides warmup_ratio)")
+    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay (not on biases/norms)")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 turns clipping off")
+    seed: int = Field(42, description="seeds data order, splits and adapter initialisation")
+    eval_every_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
+    log_every_steps: int = Field(10, ge=1, description="print progress every N optimizer steps")
+    eval_before_training: bool = Field(True, description="evaluate once before the first step (the baseline)")
+
+
+# ------------------------------------------------------------------------ sharding
+class ShardingSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(False, description="keep optimizer state in CPU memory (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="keep parameters in CPU memory (ZeRO 3)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
+
+
+# ------------------------------------------------------------------------- cluster
+class ClusterSection(Section):
+    workers: int = Field(2, ge=1, le=4096, description="training processes (one per GPU, or per CPU slot)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; 0 trains on CPU")
+    address: str | None = Field(None, description="Ray cluster to attach to (ray://host:port or auto); "
+                                                  "default: start an embedded one")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class OutputSection(Section):
+    dir: str = Field(description="run output directory")
+    if_exists: Literal["error", "overwrite"] = Field(
+        "error", description="what to do when dir already holds a run")
+    keep_checkpoints: bool = Field(False, description="keep the last DeepSpeed checkpoint after success")
+
+
+class Recipe(Section):
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    task: TaskSection = Field(default_factory=SequenceClassificationTask)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    sharding: ShardingSection = Field(default_factory=ShardingSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    output: OutputSection
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------- loading & rules
+def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    """`train.epochs=1` -> (['train', 'epochs'], 1); values are YAML scalars/lists."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override '{pair}' is not of the form section.key=value "
+                              "(e.g. train.epochs=1)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override '{pair}': value is not valid YAML ({exc.problem})") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, pairs: list[str]) -> dict:
+    for path, value in parse_overrides(pairs):
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise RecipeError(f"override '{'.'.join(path)}': '{where}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_raw(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise RecipeError(f"not valid YAML{line}: {getattr(exc, 'problem', exc)}", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe is a mapping of sections (model, data, train, ...)", where=str(path))
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
+    """Load, override, validate and check cross-field rules. Raises RecipeError."""
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return validate_recipe(raw, where=str(path), check_files=check_files)
+
+
+def validate_recipe(raw: dict, *, where: str = "recipe", check_files: bool = True) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError([_explain(err) for err in exc.errors()], where=where) from None
+    problems = check_rules(recipe, check_files=check_files)
+    if problems:
+        raise RecipeError(problems, where=where)
+    return recipe
+
+
+def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
+    """Cross-field rules, each with the fix. Empty list: the recipe can run."""
+    problems: list[str] = []
+    sh, cl, tr = recipe.sharding, recipe.cluster, recipe.train
+
+    if sh.offload_params and sh.zero_stage != 3:
+        problems.append(f"sharding.offload_params needs sharding.zero_stage: 3 (got {sh.zero_stage}); "
+                        "set zero_stage: 3 or offload_params: false")
+    if sh.offload_optimizer and sh.zero_stage == 0:
+        problems.append("sharding.offload_optimizer needs ZeRO stage 1, 2 or 3; set sharding.zero_stage: 2")
+    if sh.precision == "fp16" and cl.gpus_per_worker == 0:
+        problems.append("sharding.precision: fp16 needs GPUs (cluster.gpus_per_worker > 0); "
+                        "use fp32 or bf16 on CPU")
+    if recipe.quantization.mode != "none":
+        problems.append(f"quantization.mode: {recipe.quantization.mode} is not available in this version "
+                        "(quantised backbones are roadmap step 3); use mode: none")
+    if recipe.adapter.method == "none" and recipe.adapter.modules_to_save:
+        problems.append("adapter.modules_to_save applies to adapters; with method: none every weight "
+                        "trains already, so remove it")
+    if tr.warmup_steps is not None and tr.max_steps is not None and tr.warmup_steps >= tr.max_steps:
+        problems.append(f"train.warmup_steps ({tr.warmup_steps}) must be below train.max_steps ({tr.max_steps})")
+
+    task_roles = {"sequence_classification": {"text", "label", "text_b"}}[recipe.task.type]
+    for role in recipe.data.columns:
+        if role not in task_roles:
+            problems.append(f"data.columns.{role}: not a column role of task {recipe.task.type}"
+                            f"{_did_you_mean(role, task_roles)}; roles are {sorted(task_roles)}")
+
+    sources = [("data.train", recipe.data.train)]
+    if recipe.data.validation is not None:
+        sources.append(("data.validation", recipe.data.validation))
+    for name, src in sources:
+        fmt = src.resolved_format
+        if not fmt:
+            problems.append(f"{name}.format: cannot tell the format of '{src.path}' from its suffix; "
+                            f"set format to one of {list(DATA_FORMATS)}")
+        if fmt in ("csv", "tsv") and not src.header and not src.column_names:
+            problems.append(f"{name}.column_names: '{src.path}' has no header row, so name its columns "
+                            "(e.g. column_names: [label, sentence])")
+        if check_files:
+            problems += _check_exists(name + ".path", src.path, want_dir=(fmt == "textdir"))
+
+    if check_files:
+        try:
+            local = resolve_local(recipe.model.path)
+        except RecipeError as exc:
+            problems.append(f"model.path: {exc.problems[0]}")
+        else:
+            if local is not None and not local.exists():
+                problems.append(f"model.path: '{recipe.model.path}' does not exist; give a local model "
+                                "directory, a hub id, or package:NAME/PATH")
+            if local is not None and recipe.model.gguf_file and not (local / recipe.model.gguf_file).is_file():
+                problems.append(f"model.gguf_file: '{recipe.model.gguf_file}' is not a file in {local}")
+    return problems
+
+
+def _check_exists(field: str, spec: str, *, want_dir: bool) -> list[str]:
+    try:
+        path = resolve_local(spec)
+    except RecipeError as exc:
+        return [f"{field}: {exc.problems[0]}"]
+    if path is None or not path.exists():
+        return [f"{field}: '{spec}' does not exist (relative paths are read from the current "
+                f"directory, {Path.cwd()})"]
+    if want_dir and not path.is_dir():
+        return [f"{field}: format textdir needs a folder with one sub-folder per label; '{spec}' is a file"]
+    if not want_dir and path.is_dir():
+        return [f"{field}: '{spec}' is a folder; name a file, or set format: textdir"]
+    return []
+
+
+# ------------------------------------------------------------- error explanations
+def _explain(err: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    # Discriminated unions put the tag in the location (task.sequence_classification.labels).
+    loc = [p for p in loc if p not in TASK_TYPES]
+    dotted = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent_fields = _fields_at(loc[:-1])
+        hint = _did_you_mean(loc[-1], parent_fields)
+        where = ".".join(loc[:-1]) or "the recipe"
+        allowed = f"; keys of {where}: {', '.join(sorted(parent_fields))}" if parent_fields else ""
+        return f"{dotted}: unknown key{hint}{allowed}"
+    if kind == "missing":
+        return f"{dotted}: required; {_describe(loc) or 'add it'}"
+    if kind == "union_tag_invalid":
+        return f"{dotted}.type: unknown task type {err.get('input', {}).get('type')!r}; one of {TASK_TYPES}"
+    if kind == "union_tag_not_found":
+        return f"{dotted}.type: required; one of {TASK_TYPES}"
+    got = err.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    desc = _describe(loc)
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{dotted}: {msg}{got_text}" + (f"; {dotted} is the {desc}" if desc else "")
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _model_class(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _model_class(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_class(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _field_at(loc: list[str]):
+    cls: type[BaseModel] | None = Recipe
+    field = None
+    for part in loc:
+        if cls is None or part not in cls.model_fields:
+            return None, None
+        field = cls.model_fields[part]
+        cls = _model_class(field.annotation)
+    return field, cls
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    if not loc:
+        return list(Recipe.model_fields)
+    _, cls = _field_at(loc)
+    return list(cls.model_fields) if cls else []
+
+
+def _describe(loc: list[str]) -> str:
+    field, _ = _field_at(loc)
+    return (field.description or "") if field else ""

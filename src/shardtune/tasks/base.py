@@ -1,0 +1,54 @@
+"""The interface every task implements. Structural (a Protocol), not a base class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from shardtune.data import Row
+
+
+@dataclass
+class Example:
+    """One tokenised example. `index` identifies it across ranks when predictions are gathered."""
+
+    index: int
+    features: dict[str, list[int]]
+    target: Any = None  # what the metrics compare with (a label id, a score, spans...)
+    extra: dict = field(default_factory=dict)
+
+
+class Task(Protocol):
+    #: peft TaskType name: decides which wrapper peft puts around the backbone
+    peft_task_type: str
+
+    def __init__(self, recipe) -> None: ...
+
+    def fit_labels(self, train_rows: list[Row]) -> None:
+        """Fix the label set (from the recipe, else from the training rows)."""
+
+    def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
+        """The backbone with this task's head, freshly initialised where new."""
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """Module names that train in full and are saved with an adapter."""
+
+    def encode(self, rows: list[Row], tokenizer, *, with_targets: bool = True) -> list[Example]:
+        """Validate and tokenise rows; raise DataError naming the row on bad input."""
+
+    def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
+        """A padded batch the model's forward accepts (with `labels` when targets exist)."""
+
+    def metrics(self, outputs: np.ndarray, examples: list[Example]) -> dict[str, float]:
+        """Validation loss and task metrics from the gathered outputs (one row per example)."""
+
+    def predictions(self, outputs: np.ndarray, examples: list[Example], rows: list[Row]) -> list[dict]:
+        """One JSON-serialisable record per input row."""
+
+    def state(self) -> dict:
+        """What must be saved with a run to rebuild the task (label names, ...)."""
+
+    def load_state(self, state: dict) -> None: ...

@@ -1,0 +1,69 @@
+"""Tiny random models and a synthetic task with a learnable signal, built on the fly.
+
+Models are saved to a folder with a locally trained WordPiece tokenizer, so tests go
+through the same from_pretrained + peft path as real pretrained models.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "lovely"]
+NEGATIVE = ["bad", "awful", "terrible", "horrible", "dreadful", "poor"]
+FILLER = ("the a film movie story plot actor scene was is and it this that with very quite "
+          "really music ending start some of in on had has").split()
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Sentences whose label is given by one polar word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(4, 10))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": "pos" if label else "neg"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+    corpus = [r["text"] for r in sentiment_rows(500, seed=0)] + [" ".join(FILLER + POSITIVE + NEGATIVE)]
+    tok.train_from_iterator(corpus, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_bert(directory: Path) -> Path:
+    """A 2-layer, 64-wide BERT with a pooler, saved like a pretrained checkpoint."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(directory)
+    return directory
