@@ -127,7 +127,8 @@ def _print_summary(result) -> None:
         if key in ("epoch", "step"):
             continue
         was = before.get(key) if before else None
-        table.add_row(f"validation {key}", "" if was is None else f"{was:.4f}", f"{value:.4f}")
+        name = key.replace("_", " ") if key == "train_loss" else f"validation {key}"
+        table.add_row(name, "" if was is None else f"{was:.4f}", f"{value:.4f}")
     out.print(table)
     trainable, total = summary["trainable_parameters"], summary["total_parameters"]
     out.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")

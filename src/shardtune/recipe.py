@@ -344,7 +344,7 @@ def _explain(err: dict) -> str:
 
 def _did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _model_class(annotation) -> type[BaseModel] | None:

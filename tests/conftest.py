@@ -1,0 +1,63 @@
+"""Shared fixtures: offline environment, tiny models built once per session, one Ray instance."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(TESTS))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return tiny_models.build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    return {
+        "train": tiny_models.write_jsonl(folder / "train.jsonl", tiny_models.sentiment_rows(400, seed=1)),
+        "test": tiny_models.write_jsonl(folder / "test.jsonl", tiny_models.sentiment_rows(60, seed=2)),
+    }
+
+
+@pytest.fixture
+def tiny_recipe(tiny_bert, sentiment_data, tmp_path):
+    """A raw recipe dict for the tiny model and data; tests change what they need."""
+    return {
+        "model": {"path": str(tiny_bert)},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["query", "value"]},
+        "task": {"type": "sequence_classification"},
+        "data": {"train": str(sentiment_data["train"]), "validation_split": 0.2, "max_length": 32},
+        "train": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+                  "log_every_steps": 10},
+        "sharding": {"zero_stage": 2},
+        "cluster": {"workers": 2},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray instance for every test that trains; shardtune reuses it."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=True, configure_logging=False)
+    yield
+    ray.shutdown()  # this process's cluster only; never `ray stop`
