@@ -22,8 +22,10 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         label = rng.randint(0, 1)
-        words = rng.choices(FILLER, k=rng.randint(4, 10))
-        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        # Several polar words among a few fillers: a random 2-layer encoder must be able
+        # to pick the signal up in a few dozen steps.
+        words = rng.choices(FILLER, k=rng.randint(2, 5)) + rng.choices(POSITIVE if label else NEGATIVE, k=3)
+        rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": "pos" if label else "neg"})
     return rows
 

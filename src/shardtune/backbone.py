@@ -48,3 +48,14 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def meta_model(recipe, task) -> torch.nn.Module:
+    """The task model's module tree without weights (for name checks before launch)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": recipe.model.gguf_file} if recipe.model.gguf_file else {}
+    config = AutoConfig.from_pretrained(model_location(recipe), **kwargs)
+    with init_empty_weights():
+        return task.build_model_from_config(config)

@@ -52,12 +52,16 @@ def run(recipe: Recipe, *, address: str | None = None) -> RunResult:
 
 
 def preflight(recipe: Recipe) -> None:
-    """Read and tokenise the data on the driver, so a bad row fails before Ray starts."""
+    """Checks that need the model's files or the data, done on the driver so that a bad
+    row or a misnamed module fails in seconds, before Ray starts any worker."""
+    from shardtune.adapters import check_module_names
     from shardtune.backbone import load_tokenizer
     from shardtune.engine import load_examples
     from shardtune.tasks import get_task
 
-    load_examples(recipe, get_task(recipe), load_tokenizer(recipe))
+    task = get_task(recipe)
+    load_examples(recipe, task, load_tokenizer(recipe))
+    check_module_names(recipe, task)
 
 
 def _claim_output(final_dir: Path, if_exists: str) -> Path:

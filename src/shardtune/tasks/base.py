@@ -33,6 +33,9 @@ class Task(Protocol):
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
         """The backbone with this task's head, freshly initialised where new."""
 
+    def build_model_from_config(self, config) -> torch.nn.Module:
+        """The same architecture from a config alone (used on the meta device for checks)."""
+
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """Module names that train in full and are saved with an adapter."""
 

@@ -46,6 +46,10 @@ class SequenceClassification:
             id2label=dict(enumerate(self.labels)), label2id={l: i for i, l in enumerate(self.labels)},
             **load_kwargs)
 
+    def build_model_from_config(self, config) -> torch.nn.Module:
+        config.num_labels = len(self.labels) if self.labels else 2
+        return AutoModelForSequenceClassification.from_config(config)
+
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         names = [n for n in ("classifier", "score") if hasattr(model, n)]
         base = getattr(model, getattr(model, "base_model_prefix", ""), None)
