@@ -76,6 +76,17 @@ def epoch_micro_batches(n_examples: int, world: int, rank: int, micro: int, accu
     return [mine[i * micro:(i + 1) * micro] for i in range(n_micro)]
 
 
+def optimizer_steps_per_epoch(n_examples: int, world: int, train) -> int:
+    micro = len(epoch_micro_batches(n_examples, world, 0, train.micro_batch_size,
+                                    train.gradient_accumulation_steps, train.seed, 0))
+    steps = micro // train.gradient_accumulation_steps
+    if steps == 0:
+        raise DataError(f"{n_examples} training examples are too few for one optimizer step "
+                        f"with {world} workers x micro_batch_size {train.micro_batch_size} x "
+                        f"gradient_accumulation_steps {train.gradient_accumulation_steps}; lower those")
+    return steps
+
+
 def eval_shard(n_examples: int, world: int, rank: int) -> list[int]:
     """Strided shard, padded with repeats so every rank runs the same number of forwards."""
     mine = list(range(rank, n_examples, world))
@@ -121,13 +132,7 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         f"validation examples; {world} workers, ZeRO-{sh.zero_stage}, {sh.precision}")
 
     # Schedule: optimizer steps per epoch follow from the shard sizes.
-    micro_per_epoch = len(epoch_micro_batches(len(train_examples), world, 0, tr.micro_batch_size,
-                                              tr.gradient_accumulation_steps, tr.seed, 0))
-    steps_per_epoch = micro_per_epoch // tr.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_examples)} training examples are too few for one optimizer step "
-                        f"with {world} workers x micro_batch_size {tr.micro_batch_size} x "
-                        f"gradient_accumulation_steps {tr.gradient_accumulation_steps}; lower those")
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_examples), world, tr)
     total_steps = tr.max_steps or tr.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = tr.warmup_steps if tr.warmup_steps is not None else round(tr.warmup_ratio * total_steps)

@@ -56,11 +56,12 @@ def preflight(recipe: Recipe) -> None:
     row or a misnamed module fails in seconds, before Ray starts any worker."""
     from shardtune.adapters import check_module_names
     from shardtune.backbone import load_tokenizer
-    from shardtune.engine import load_examples
+    from shardtune.engine import load_examples, optimizer_steps_per_epoch
     from shardtune.tasks import get_task
 
     task = get_task(recipe)
-    load_examples(recipe, task, load_tokenizer(recipe))
+    train_examples, _ = load_examples(recipe, task, load_tokenizer(recipe))
+    optimizer_steps_per_epoch(len(train_examples), recipe.cluster.workers, recipe.train)
     check_module_names(recipe, task)
 
 
