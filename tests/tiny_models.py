@@ -36,20 +36,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def build_tokenizer(directory: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer over a fixed vocabulary (built, not trained: the same ids every time)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = sorted(set(FILLER + POSITIVE + NEGATIVE + ["good", "bad", "film", "plot", "x"]))
+    tokens = list(dict.fromkeys(specials + letters + ["##" + l for l in letters] + words))  # ordered, unique
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
-    corpus = [r["text"] for r in sentiment_rows(500, seed=0)] + [" ".join(FILLER + POSITIVE + NEGATIVE)]
-    tok.train_from_iterator(corpus, trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
                                    model_input_names=["input_ids", "token_type_ids", "attention_mask"])

@@ -185,6 +185,10 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     step_times: list[float] = []
     time_to_first_step = None
     for epoch in range(start_epoch, epochs):
+        # Dropout draws from torch's global generator. Seeding it from (seed, epoch, rank)
+        # makes a resumed epoch bit-identical to an uninterrupted one without saving
+        # generator states, and gives each rank its own dropout masks.
+        torch.manual_seed(tr.seed + 7919 * (epoch + 1) + rank)
         engine.train()
         loss_sum, loss_count = torch.zeros(2, dtype=torch.float64), 0
         step_started = time.perf_counter()
