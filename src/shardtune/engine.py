@@ -306,30 +306,40 @@ def _duration(seconds: float) -> str:
 
 # ------------------------------------------------------------------ without Ray
 class LocalReporter:
-    """For `torchrun -m shardtune.engine`: checkpoints are copied into OUTPUT/checkpoint."""
+    """For torchrun: epoch checkpoints go to OUTPUT/checkpoint, the finished run to OUTPUT.
+
+    Ranks share a file system here (one machine, or a shared output directory).
+    """
 
     def __init__(self, output_dir: Path):
         self.output_dir = output_dir
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir:
-            target = self.output_dir / ("final" if metrics.get("final") else "checkpoint")
+            final = bool(metrics.get("final"))
+            target = self.output_dir if final else self.output_dir / "checkpoint"
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
         dist.barrier()
 
     def latest_checkpoint(self) -> str | None:
         path = self.output_dir / "checkpoint"
-        return str(path) if path.is_dir() else None
+        return str(path) if (path / CHECKPOINT_TAG).is_dir() else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """torchrun --nproc-per-node N -m shardtune.engine RECIPE [key=value ...]"""
+    """torchrun --nproc-per-node N -m shardtune.engine RECIPE [key=value ...]
+
+    The worker loop without Ray, for debugging and GPU profiling. Writes the same run
+    directory as `shardtune run`; re-running resumes from OUTPUT/checkpoint.
+    """
+    from shardtune.export import write_metrics
     from shardtune.recipe import load_recipe
 
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print(main.__doc__)
-        return 2
+        return 0 if argv else 2
+    started = time.perf_counter()
     try:
         recipe = load_recipe(argv[0], argv[1:])
     except RecipeError as exc:
@@ -338,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(recipe.output.dir)
     output.mkdir(parents=True, exist_ok=True)
     train_worker(recipe.model_dump(mode="json"), LocalReporter(output))
+    if dist.get_rank() == 0:
+        (output / "recipe.yaml").write_text(recipe.to_yaml())
+        write_metrics(output, recipe, time.perf_counter() - started)
+        if not recipe.output.keep_checkpoints:
+            shutil.rmtree(output / "checkpoint", ignore_errors=True)
+    dist.destroy_process_group()
     return 0
 
 

@@ -44,6 +44,18 @@ def save_trained(model: torch.nn.Module, directory: Path, *, is_peft: bool, zero
             model.save_pretrained(directory / ("adapter" if is_peft else "model"), safe_serialization=True)
 
 
+def write_metrics(run_dir: Path, recipe, wall_seconds: float) -> dict:
+    """Turn the workers' history.json into the run's metrics.json."""
+    record = json.loads((run_dir / "history.json").read_text())
+    history, summary = record["history"], record["summary"]
+    summary["wall_seconds"] = round(wall_seconds, 2)
+    metrics = {"before": history[0] if recipe.train.eval_before_training else None,
+               "final": history[-1], "history": history, "summary": summary}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run_dir / "history.json").unlink()
+    return metrics
+
+
 @torch.no_grad()
 def forward_outputs(model: torch.nn.Module, task, tokenizer, examples, batch_size: int,
                     device: torch.device) -> np.ndarray:

@@ -8,7 +8,6 @@ earlier run: with `if_exists: overwrite` the old one is replaced only at the end
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardtune.engine import train_worker
+from shardtune.export import write_metrics
 from shardtune.errors import RunError, ShardtuneError
 from shardtune.recipe import Recipe
 
@@ -155,14 +155,7 @@ def _explain_failure(exc: Exception) -> ShardtuneError:
 
 def _finish(staging: Path, final_dir: Path, recipe: Recipe, final: dict, started: float) -> None:
     """metrics.json, then swap the staging folder into place."""
-    record = json.loads((staging / "history.json").read_text())
-    (staging / "history.json").unlink()
-    history, summary = record["history"], record["summary"]
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    metrics = {"before": history[0] if recipe.train.eval_before_training else None,
-               "final": history[-1], "history": history, "summary": summary}
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    final.update(summary)
+    final.update(write_metrics(staging, recipe, time.perf_counter() - started)["summary"])
     if not recipe.output.keep_checkpoints:
         shutil.rmtree(staging / "ray", ignore_errors=True)
     if final_dir.exists():
