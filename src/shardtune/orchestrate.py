@@ -127,7 +127,20 @@ def _connect(recipe: Recipe, address: str | None) -> bool:
         return False  # a caller (a test session, a notebook) owns the cluster
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address:
-        ray.init(address=address, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, AuthenticationError...
+            # Ray's exception does not say whether the address or the token was wrong (the
+            # reason is only in its C++ log), so name both fixes.
+            first_line = (str(exc).splitlines() or [repr(exc)])[0]
+            hints = ["check the address (the head's host:port, or ray://host:10001)",
+                     "or leave cluster.address unset for an embedded cluster"]
+            if os.environ.get("RAY_AUTH_MODE") != "token":
+                hints.insert(0, "if the cluster uses token authentication (`ray start` turns it on), "
+                                "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or "
+                                "~/.ray/auth_token on this machine)")
+            raise RunError(f"cannot attach to the Ray cluster at {address} ({first_line}); "
+                           + "; ".join(hints)) from None
         return True
     cl = recipe.cluster
     needed = cl.workers * cl.cpus_per_worker

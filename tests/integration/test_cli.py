@@ -128,7 +128,8 @@ def test_too_little_data_is_refused_before_launch(trained_run, tmp_path):
     raw = copy.deepcopy(trained_run["raw"])
     raw["output"]["dir"] = str(tmp_path / "out")
     recipe = write_recipe(tmp_path / "r.yaml", raw)
-    result = cli.invoke(app, ["run", str(recipe), "data.max_train_examples=10", "train.gradient_accumulation_steps=2"])
+    result = cli.invoke(app, ["run", str(recipe), "data.max_train_examples=10", "train.micro_batch_size=8",
+                              "train.gradient_accumulation_steps=2"])
     assert result.exit_code == 2, result.output
     assert "too few for one optimizer step" in result.output and "lower those" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -142,7 +143,8 @@ def test_worker_side_error_surfaces_as_itself(trained_run, tmp_path):
     from shardtune.recipe import validate_recipe
 
     raw = copy.deepcopy(trained_run["raw"])
-    raw["data"]["max_train_examples"] = 10
+    raw["data"]["max_train_examples"] = 10  # 5 per worker: no full accumulation window of 2 x 8
+    raw["train"]["micro_batch_size"] = 8
     raw["train"]["gradient_accumulation_steps"] = 2
     raw["output"]["dir"] = str(tmp_path / "out")
     (tmp_path / "staging").mkdir()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -117,19 +118,33 @@ def test_plain_peft_reload_reproduces_shardtune_evaluation(stage_runs, stage, ti
     assert recomputed["loss"] == pytest.approx(recorded["loss"], rel=1e-4)
 
 
-SHARDING_OPTIONS = [
-    {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
-    {"zero_stage": 2, "offload_optimizer": True},
-    {"zero_stage": 2, "precision": "bf16"},
+# Sharding and training options, each a real 2-worker run that must learn. The lr the
+# workers logged to TensorBoard at step 10 of 60 tells which schedule ran (no warm-up).
+PEAK = 2e-2
+OPTIONS = [
+    ("zero3-offload-both", {"sharding": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}},
+     PEAK * 50 / 60),
+    ("zero2-offload-optimizer", {"sharding": {"zero_stage": 2, "offload_optimizer": True}}, PEAK * 50 / 60),
+    ("bf16-cosine", {"sharding": {"zero_stage": 2, "precision": "bf16"}, "train": {"lr_scheduler": "cosine"}},
+     PEAK * 0.5 * (1 + math.cos(math.pi * 10 / 60))),
+    ("constant", {"train": {"lr_scheduler": "constant"}}, PEAK),
 ]
 
 
-@pytest.mark.parametrize("sharding", SHARDING_OPTIONS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_sharding_options_train(ray_session, tiny_recipe, sharding):
+@pytest.mark.parametrize("name,changes,lr_at_step_10", OPTIONS, ids=[o[0] for o in OPTIONS])
+def test_options_train(ray_session, tiny_recipe, name, changes, lr_at_step_10):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     raw = copy.deepcopy(tiny_recipe)
-    raw["sharding"] = sharding
-    metrics = metrics_of(run(validate_recipe(raw)).output_dir)
+    for section, values in changes.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    run_dir = run(validate_recipe(raw)).output_dir
+    metrics = metrics_of(run_dir)
     assert metrics["final"]["loss"] < metrics["before"]["loss"] - 0.1
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    lr = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert lr[10] == pytest.approx(lr_at_step_10, rel=1e-4)
 
 
 def test_torchrun_without_ray_writes_the_same_run(tiny_recipe, tmp_path, sentiment_data):
