@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -170,8 +169,8 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, (indices, outputs))
         by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
-        stacked = np.stack([by_index[i] for i in range(len(val_examples))])
-        metrics = {"epoch": round(epoch, 4), "step": engine.global_steps, **task.metrics(stacked, val_examples)}
+        ordered = [by_index[i] for i in range(len(val_examples))]
+        metrics = {"epoch": round(epoch, 4), "step": engine.global_steps, **task.metrics(ordered, val_examples)}
         history.append(metrics)
         log.scalars("validation", metrics, engine.global_steps)
         log("validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))

@@ -58,18 +58,19 @@ def write_metrics(run_dir: Path, recipe, wall_seconds: float) -> dict:
 
 @torch.no_grad()
 def forward_outputs(model: torch.nn.Module, task, tokenizer, examples, batch_size: int,
-                    device: torch.device) -> np.ndarray:
-    """The model's outputs (logits) for examples, in order, as float32 numpy."""
+                    device: torch.device) -> list[np.ndarray]:
+    """The model's outputs for examples, in order: one float32 array per example."""
     was_training = model.training
     model.eval()
-    chunks = []
+    outputs: list[np.ndarray] = []
     for start in range(0, len(examples), batch_size):
         batch = task.collate(examples[start:start + batch_size], tokenizer)
-        batch.pop("labels", None)
+        for key in task.target_keys:
+            batch.pop(key, None)
         batch = {k: v.to(device) for k, v in batch.items()}
-        chunks.append(model(**batch).logits.float().cpu().numpy())
+        outputs.extend(task.outputs(model(**batch), batch))
     model.train(was_training)
-    return np.concatenate(chunks) if chunks else np.zeros((0,))
+    return outputs
 
 
 @dataclass

@@ -31,3 +31,71 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[str,
         "macro_f1": float(f1_score(targets, predicted, labels=labels, average="macro", zero_division=0)),
         "mcc": float(matthews_corrcoef(targets, predicted)),
     }
+
+
+def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """MSE loss and Pearson/Spearman correlation (STS-B's metrics), via scipy."""
+    from scipy.stats import pearsonr, spearmanr
+
+    constant = np.ptp(predictions) == 0 or np.ptp(targets) == 0  # correlation undefined
+    return {
+        "loss": float(np.mean((predictions - targets) ** 2)),
+        "pearson": 0.0 if constant else float(pearsonr(predictions, targets)[0]),
+        "spearman": 0.0 if constant else float(spearmanr(predictions, targets)[0]),
+    }
+
+
+def tagging_metrics(gold: list[list[str]], predicted: list[list[str]], logits: np.ndarray,
+                    targets: np.ndarray) -> dict[str, float]:
+    """Entity-level precision/recall/F1 (seqeval: CoNLL's chunk definition), word accuracy, loss."""
+    from seqeval.metrics import f1_score as entity_f1
+    from seqeval.metrics import precision_score, recall_score
+
+    words = sum(len(g) for g in gold)
+    correct = sum(p == g for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps))
+    return {
+        "loss": cross_entropy(logits, targets) if len(targets) else 0.0,
+        "entity_f1": float(entity_f1(gold, predicted, zero_division=0)),
+        "entity_precision": float(precision_score(gold, predicted, zero_division=0)),
+        "entity_recall": float(recall_score(gold, predicted, zero_division=0)),
+        "token_accuracy": correct / words if words else 0.0,
+    }
+
+
+# -------------------------------------------------------- SQuAD (official definitions)
+# The official SQuAD v1.1/v2.0 evaluation script's normalisation and scores, restated:
+# the `evaluate` library's squad metrics fetch their code from the hub, which is not
+# reachable offline.
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    from collections import Counter
+
+    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred_tokens or not gold_tokens:  # unanswerable: right only if both are empty
+        return float(pred_tokens == gold_tokens)
+    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
+    """Mean exact match and F1 (0-100, as SQuAD reports), each the max over gold answers."""
+    em = [max(exact_match(p, g) for g in (gs or [""])) for p, gs in zip(predictions, golds)]
+    f1 = [max(token_f1(p, g) for g in (gs or [""])) for p, gs in zip(predictions, golds)]
+    n = max(len(predictions), 1)
+    return {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n}

@@ -80,22 +80,65 @@ class SequenceClassificationTask(Section):
         return value
 
 
-TaskSection = Annotated[Union[SequenceClassificationTask], Field(discriminator="type")]
-TASK_TYPES = ["sequence_classification"]
+class SequenceRegressionTask(Section):
+    type: Literal["sequence_regression"]
+    train_pooler: bool = Field(True, description="train the encoder's pooler with the head")
+
+
+class TokenClassificationTask(Section):
+    type: Literal["token_classification"]
+    labels: list[str] | None = Field(
+        None, description="tag names; default: the training data's tags (O first, then sorted)")
+    label_all_subtokens: bool = Field(
+        False, description="label every sub-token of a word (default: the first only, others ignored)")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, value):
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("labels must be distinct")
+        return value
+
+
+class QuestionAnsweringTask(Section):
+    type: Literal["question_answering"]
+    doc_stride: int = Field(32, ge=1, description="tokens shared by consecutive windows of a long context")
+    max_answer_tokens: int = Field(30, ge=1, description="longest answer span considered, in tokens")
+    allow_no_answer: bool | None = Field(
+        None, description="SQuAD 2.0: questions may be unanswerable; default: if the training data has any")
+
+
+TaskSection = Annotated[Union[SequenceClassificationTask, SequenceRegressionTask, TokenClassificationTask,
+                              QuestionAnsweringTask], Field(discriminator="type")]
+TASK_TYPES = ["sequence_classification", "sequence_regression", "token_classification", "question_answering"]
+TASK_ROLES = {  # data.columns roles each task reads
+    "sequence_classification": {"text", "text_b", "label"},
+    "sequence_regression": {"text", "text_b", "label"},
+    "token_classification": {"tokens", "tags"},
+    "question_answering": {"id", "question", "context", "answers"},
+}
+TASK_FORMATS = {  # formats that only make sense for some tasks
+    "textdir": {"sequence_classification"},
+    "conll": {"token_classification"},
+    "wordtag": {"token_classification"},
+    "squad": {"question_answering"},
+}
 
 
 # ---------------------------------------------------------------------------- data
-DATA_FORMATS = ("jsonl", "json", "csv", "tsv", "textdir")
+DATA_FORMATS = ("jsonl", "json", "csv", "tsv", "textdir", "conll", "wordtag", "squad")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 
 
 class DataSource(Section):
     path: str = Field(description="file (or folder, for textdir) path or package:NAME/PATH")
-    format: Literal["jsonl", "json", "csv", "tsv", "textdir"] | None = Field(
-        None, description="file format; default: from the file suffix. textdir: one sub-folder "
-                          "per label, one text file per example")
+    format: Literal["jsonl", "json", "csv", "tsv", "textdir", "conll", "wordtag", "squad"] | None = Field(
+        None, description="file format; default: from the file suffix. textdir: one sub-folder per label, "
+                          "one text file per example; conll: token<TAB>...<TAB>tag lines, blank line between "
+                          "sentences; wordtag: a sentence a line of word###TAG; squad: SQuAD 1.1/2.0 json")
     header: bool = Field(True, description="csv/tsv: the first row names the columns")
     column_names: list[str] | None = Field(None, description="csv/tsv without header: the column names")
+    token_prefix: str | None = Field(None, description="conll: strip this prefix from tokens (WikiANN's 'en:')")
 
     @model_validator(mode="before")
     @classmethod
@@ -288,7 +331,7 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if tr.warmup_steps is not None and tr.max_steps is not None and tr.warmup_steps >= tr.max_steps:
         problems.append(f"train.warmup_steps ({tr.warmup_steps}) must be below train.max_steps ({tr.max_steps})")
 
-    task_roles = {"sequence_classification": {"text", "label", "text_b"}}[recipe.task.type]
+    task_roles = TASK_ROLES[recipe.task.type]
     for role in recipe.data.columns:
         if role not in task_roles:
             problems.append(f"data.columns.{role}: not a column role of task {recipe.task.type}"
@@ -299,6 +342,9 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
         sources.append(("data.validation", recipe.data.validation))
     for name, src in sources:
         fmt = src.resolved_format
+        if fmt in TASK_FORMATS and recipe.task.type not in TASK_FORMATS[fmt]:
+            problems.append(f"{name}.format: {fmt} files hold data for {' or '.join(sorted(TASK_FORMATS[fmt]))}, "
+                            f"not task.type {recipe.task.type}")
         if not fmt:
             problems.append(f"{name}.format: cannot tell the format of '{src.path}' from its suffix; "
                             f"set format to one of {list(DATA_FORMATS)}")

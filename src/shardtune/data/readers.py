@@ -32,7 +32,8 @@ def read_rows(source: DataSource) -> list[Row]:
         raise DataError(f"data file '{source.path}' does not exist")
     fmt = source.resolved_format
     readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_delimited,
-               "tsv": _read_delimited, "textdir": _read_textdir}
+               "tsv": _read_delimited, "textdir": _read_textdir, "conll": _read_conll,
+               "wordtag": _read_wordtag, "squad": _read_squad}
     if fmt not in readers:
         raise DataError(f"'{source.path}': unknown format '{fmt}'; one of {sorted(readers)}")
     rows = readers[fmt](path, source)
@@ -116,4 +117,82 @@ def _read_textdir(path: Path, source: DataSource) -> list[Row]:
             except UnicodeDecodeError:
                 text = raw.decode("latin-1")  # older corpora; every byte is valid Latin-1
             rows.append(Row({"text": text.strip(), "label": label_dir.name}, str(file)))
+    return rows
+
+
+# ------------------------------------------------------------------ tagged sentences
+def _read_conll(path: Path, source: DataSource) -> list[Row]:
+    """CoNLL-style columns: a token per line (first column), its tag in the last column,
+    a blank line between sentences; -DOCSTART- lines are skipped."""
+    rows, tokens, tags, start = [], [], [], 1
+    prefix = source.token_prefix or ""
+
+    def flush(line_number: int) -> None:
+        nonlocal tokens, tags
+        if tokens:
+            rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{start}"))
+        tokens, tags = [], []
+
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                flush(number)
+                start = number + 1
+                continue
+            if line.startswith("-DOCSTART-"):
+                start = number + 1
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            if len(fields) < 2:
+                raise DataError(f"{path}:{number}: expected a token and a tag separated by a tab or "
+                                f"spaces, got {line!r}")
+            if not tokens:
+                start = number
+            token = fields[0][len(prefix):] if prefix and fields[0].startswith(prefix) else fields[0]
+            tokens.append(token)
+            tags.append(fields[-1])
+    flush(0)
+    return rows
+
+
+def _read_wordtag(path: Path, source: DataSource) -> list[Row]:
+    """One sentence a line, tokens `word###TAG` separated by spaces."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            tokens, tags = [], []
+            for item in line.split():
+                word, sep, tag = item.rpartition("###")
+                if not sep or not word or not tag:
+                    raise DataError(f"{path}:{number}: {item!r} is not word###TAG")
+                tokens.append(word)
+                tags.append(tag)
+            rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{number}"))
+    return rows
+
+
+# ------------------------------------------------------------------------ SQuAD json
+def _read_squad(path: Path, source: DataSource) -> list[Row]:
+    """SQuAD 1.1 / 2.0 json: one row per question with its context and gold answers."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataError(f"{path}: not a SQuAD file (expected {{\"data\": [{{\"paragraphs\": ...}}]}})")
+    rows = []
+    for a, article in enumerate(data["data"]):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
+            context = paragraph.get("context")
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                where = f"{path}#data[{a}].paragraphs[{p}].qas[{q}]"
+                if not isinstance(context, str) or not isinstance(qa.get("question"), str):
+                    raise DataError(f"{where}: a question needs 'question' and its paragraph a 'context'")
+                rows.append(Row({
+                    "id": str(qa.get("id", f"{a}-{p}-{q}")), "question": qa["question"], "context": context,
+                    "answers": qa.get("answers", []), "is_impossible": bool(qa.get("is_impossible", False)),
+                }, where))
     return rows

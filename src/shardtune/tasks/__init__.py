@@ -7,10 +7,16 @@ satisfies `Task` (base.py) and register it in TASKS.
 from __future__ import annotations
 
 from shardtune.tasks.base import Example, Task
+from shardtune.tasks.question_answering import QuestionAnswering
 from shardtune.tasks.sequence_classification import SequenceClassification
+from shardtune.tasks.sequence_regression import SequenceRegression
+from shardtune.tasks.token_classification import TokenClassification
 
 TASKS: dict[str, type] = {
     "sequence_classification": SequenceClassification,
+    "sequence_regression": SequenceRegression,
+    "token_classification": TokenClassification,
+    "question_answering": QuestionAnswering,
 }
 
 

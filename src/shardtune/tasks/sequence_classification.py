@@ -16,18 +16,27 @@ from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import classification_metrics, softmax
 from shardtune.tasks.base import Example
+from shardtune.tasks.text_inputs import TextInputs
+
+
+def encoder_head_modules(model: torch.nn.Module, train_pooler: bool) -> list[str]:
+    """The sequence head, plus BERT's pooler when asked: sentence encoders (all-MiniLM)
+    ship a pooler never trained for classification; frozen, it costs ~0.4 STS-B Pearson."""
+    names = [n for n in ("classifier", "score") if hasattr(model, n)]
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if train_pooler and getattr(base, "pooler", None) is not None:
+        names.append("pooler")
+    return names
 
 
 class SequenceClassification:
     peft_task_type = "SEQ_CLS"
+    target_keys = ("labels",)
 
     def __init__(self, recipe):
         self.options = recipe.task
-        self.max_length = recipe.data.max_length
-        columns = recipe.data.columns
-        self.text_col = columns.get("text", "text")
-        self.text_b_col = columns.get("text_b")
-        self.label_col = columns.get("label", "label")
+        self.inputs = TextInputs(recipe.data.columns, recipe.data.max_length)
+        self.label_col = recipe.data.columns.get("label", "label")
         self.labels: list[str] | None = list(self.options.labels) if self.options.labels else None
 
     # ----------------------------------------------------------------- labels & model
@@ -41,45 +50,35 @@ class SequenceClassification:
         self.labels = sorted(found, key=_natural_key)
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)), label2id={l: i for i, l in enumerate(self.labels)},
-            **load_kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(model_path, **self._head_config(), **load_kwargs)
 
     def build_model_from_config(self, config) -> torch.nn.Module:
-        config.num_labels = len(self.labels) if self.labels else 2
+        for key, value in self._head_config().items():
+            setattr(config, key, value)
         return AutoModelForSequenceClassification.from_config(config)
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
-        names = [n for n in ("classifier", "score") if hasattr(model, n)]
-        base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-        if self.options.train_pooler and getattr(base, "pooler", None) is not None:
-            # Sentence encoders (e.g. all-MiniLM) ship a pooler that was never trained for
-            # classification; leaving it frozen costs ~0.4 Pearson on STS-B.
-            names.append("pooler")
-        return names
+        return encoder_head_modules(model, self.options.train_pooler)
+
+    def _head_config(self) -> dict:
+        labels = self.labels or ["0", "1"]
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {l: i for i, l in enumerate(labels)}}
 
     # ------------------------------------------------------------------------- data
     def encode(self, rows: list[Row], tokenizer, *, with_targets: bool = True) -> list[Example]:
         label_ids = {name: i for i, name in enumerate(self.labels or [])}
-        texts, texts_b, targets = [], [], []
-        for row in rows:
-            texts.append(self._text(row, self.text_col))
-            if self.text_b_col:
-                texts_b.append(self._text(row, self.text_b_col))
-            if with_targets:
+        targets = []
+        if with_targets:
+            for row in rows:
                 label = self._raw_label(row)
                 if label not in label_ids:
                     raise DataError(f"{row.where}: label '{label}' is not one of the task's labels "
                                     f"{self.labels}; fix the row or list it in task.labels")
                 targets.append(label_ids[label])
-        encoded = tokenizer(texts, texts_b if self.text_b_col else None,
-                            truncation=True, max_length=self.max_length)
-        return [
-            Example(index=i, features={k: encoded[k][i] for k in encoded.keys()},
-                    target=targets[i] if with_targets else None)
-            for i in range(len(rows))
-        ]
+        features = self.inputs.encode(rows, tokenizer)
+        return [Example(index=i, features=f, target=targets[i] if with_targets else None)
+                for i, f in enumerate(features)]
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         batch = DataCollatorWithPadding(tokenizer, return_tensors="pt")([e.features for e in examples])
@@ -88,16 +87,16 @@ class SequenceClassification:
         return dict(batch)
 
     # ---------------------------------------------------------------------- results
-    def metrics(self, outputs: np.ndarray, examples: list[Example]) -> dict[str, float]:
-        return classification_metrics(outputs, np.array([e.target for e in examples]))
+    def outputs(self, model_output, batch) -> list[np.ndarray]:
+        return list(model_output.logits.float().cpu().numpy())
 
-    def predictions(self, outputs: np.ndarray, examples: list[Example], rows: list[Row]) -> list[dict]:
-        probabilities = softmax(outputs.astype(np.float64))
+    def metrics(self, outputs: list[np.ndarray], examples: list[Example]) -> dict[str, float]:
+        return classification_metrics(np.stack(outputs), np.array([e.target for e in examples]))
+
+    def predictions(self, outputs: list[np.ndarray], examples: list[Example], rows: list[Row]) -> list[dict]:
         records = []
-        for row, probs in zip(rows, probabilities):
-            record = {"text": row.get(self.text_col)}
-            if self.text_b_col:
-                record["text_b"] = row.get(self.text_b_col)
+        for row, probs in zip(rows, softmax(np.stack(outputs).astype(np.float64))):
+            record = self.inputs.record(row)
             if row.get(self.label_col) is not None:
                 record["label"] = self._raw_label(row)
             record["prediction"] = self.labels[int(probs.argmax())]
@@ -110,16 +109,6 @@ class SequenceClassification:
 
     def load_state(self, state: dict) -> None:
         self.labels = list(state["labels"])
-
-    # ---------------------------------------------------------------------- helpers
-    def _text(self, row: Row, column: str) -> str:
-        value = row.get(column)
-        if value is None:
-            raise DataError(f"{row.where}: no column '{column}' (columns: {sorted(row.values)}); "
-                            f"map it with data.columns")
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{row.where}: column '{column}' is empty or not text")
-        return value
 
     def _raw_label(self, row: Row) -> str:
         value = row.get(self.label_col)

@@ -1,0 +1,39 @@
+"""Reading one text (or a text pair) per row, shared by the sequence-level tasks."""
+
+from __future__ import annotations
+
+from shardtune.data import Row
+from shardtune.errors import DataError
+
+
+class TextInputs:
+    """The `text` and optional `text_b` columns of a row, validated and tokenised."""
+
+    def __init__(self, columns: dict[str, str], max_length: int):
+        self.text_col = columns.get("text", "text")
+        self.text_b_col = columns.get("text_b")
+        self.max_length = max_length
+
+    def encode(self, rows: list[Row], tokenizer) -> list[dict[str, list[int]]]:
+        texts = [self.text(row, self.text_col) for row in rows]
+        texts_b = [self.text(row, self.text_b_col) for row in rows] if self.text_b_col else None
+        # A pair goes through the tokenizer's pair encoding ([CLS] a [SEP] b [SEP] for BERT).
+        encoded = tokenizer(texts, texts_b, truncation=True, max_length=self.max_length)
+        return [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(rows))]
+
+    def record(self, row: Row) -> dict:
+        """The inputs as they appear in a prediction record."""
+        record = {"text": row.get(self.text_col)}
+        if self.text_b_col:
+            record["text_b"] = row.get(self.text_b_col)
+        return record
+
+    @staticmethod
+    def text(row: Row, column: str) -> str:
+        value = row.get(column)
+        if value is None:
+            raise DataError(f"{row.where}: no column '{column}' (columns: {sorted(row.values)}); "
+                            f"map it with data.columns")
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{row.where}: column '{column}' is empty or not text")
+        return value
