@@ -71,3 +71,55 @@ def build_tiny_bert(directory: Path) -> Path:
                         pad_token_id=tokenizer.pad_token_id)
     BertModel(config).save_pretrained(directory)
     return directory
+
+
+# ---------------------------------------------------------- data for the other tasks
+def similarity_rows(n: int, seed: int) -> list[dict]:
+    """Text pairs scored 0-3 by how many polar words they share a sign with (regression)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(0, 3)
+        words = rng.choices(POSITIVE, k=k) + rng.choices(NEGATIVE, k=3 - k) + rng.choices(FILLER, k=2)
+        rng.shuffle(words)
+        other = rng.choices(FILLER, k=4)
+        rows.append({"text": " ".join(words), "text_b": " ".join(other), "label": float(k)})
+    return rows
+
+
+def tagged_rows(n: int, seed: int) -> list[dict]:
+    """Sentences whose polar words are entities: B-POS / B-NEG (I- for a second in a row)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tokens, tags = [], []
+        for _ in range(rng.randint(4, 9)):
+            kind = rng.random()
+            if kind < 0.2:
+                tokens.append(rng.choice(POSITIVE))
+                tags.append("I-POS" if tags and tags[-1] in ("B-POS", "I-POS") else "B-POS")
+            elif kind < 0.4:
+                tokens.append(rng.choice(NEGATIVE))
+                tags.append("I-NEG" if tags and tags[-1] in ("B-NEG", "I-NEG") else "B-NEG")
+            else:
+                tokens.append(rng.choice(FILLER))
+                tags.append("O")
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def squad_file(path: Path, n: int, seed: int) -> Path:
+    """SQuAD 1.1 json: 'which word was positive' over filler with one positive word."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for i in range(n):
+        answer = rng.choice(POSITIVE)
+        words = rng.choices(FILLER + NEGATIVE, k=rng.randint(5, 14))
+        words.insert(rng.randint(0, len(words)), answer)
+        context = " ".join(words)
+        start = len(" ".join(words[: words.index(answer)])) + (1 if words.index(answer) else 0)
+        paragraphs.append({"context": context, "qas": [{
+            "id": f"q{i}", "question": "which word was good",
+            "answers": [{"text": answer, "answer_start": start}]}]})
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "synthetic", "paragraphs": paragraphs}]}))
+    return path

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, SHARED_DATA
 from shardtune.cli import app
+from shardtune.orchestrate import preflight
 from shardtune.recipe import load_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -27,12 +28,13 @@ def test_every_shipped_recipe_validates(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name paths relative to the project root
     loaded = load_recipe(recipe)
     assert loaded.output.dir == str(ROOT / "runs" / recipe.stem)
+    preflight(loaded)  # the real data reads, fits the task and tokenises; module names exist
     # Each recipe opens with a comment that says what it does and how to run it.
     assert recipe.read_text().startswith("#") and "shardtune run recipes/" in recipe.read_text()
 
 
 def test_recipes_exist():
-    assert {"quickstart", "sst2"} <= {r.stem for r in RECIPES}
+    assert {"quickstart", "sst2", "cola", "mrpc", "stsb", "conll2003", "wikiann", "squad"} <= {r.stem for r in RECIPES}
 
 
 @pytest.mark.e2e
