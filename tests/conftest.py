@@ -61,3 +61,13 @@ def ray_session():
              log_to_driver=True, configure_logging=False)
     yield
     ray.shutdown()  # this process's cluster only; never `ray stop`
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return tiny_models.build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_chat(tmp_path_factory) -> Path:
+    return tiny_models.build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-chat", chat_template=True)

@@ -35,25 +35,37 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_tokenizer(directory: Path):
-    """A WordPiece tokenizer over a fixed vocabulary (built, not trained: the same ids every time)."""
+CHAT_TEMPLATE = ("{% for m in messages %}[CLS]{{ m['role'] }} {{ m['content'] }}[SEP]{% endfor %}"
+                 "{% if add_generation_prompt %}[CLS]assistant {% endif %}")
+
+
+def build_tokenizer(directory: Path, decoder: bool = False, chat_template: bool = False):
+    """A WordPiece tokenizer over a fixed vocabulary (built, not trained: the same ids every time).
+
+    decoder=True: no [CLS]/[SEP] added around texts and [SEP] as the EOS token, like a
+    causal LM's tokenizer; chat_template adds a small chat template."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words = sorted(set(FILLER + POSITIVE + NEGATIVE + ["good", "bad", "film", "plot", "x"]))
+    words = sorted(set(FILLER + POSITIVE + NEGATIVE + ["good", "bad", "film", "plot", "x", "user", "assistant",
+                                                        "system", "which", "word", "say"]))
     tokens = list(dict.fromkeys(specials + letters + ["##" + l for l in letters] + words))  # ordered, unique
     vocab = {token: i for i, token in enumerate(tokens)}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    if not decoder:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    names = ["input_ids", "attention_mask"] if decoder else ["input_ids", "token_type_ids", "attention_mask"]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+                                   eos_token="[SEP]" if decoder else None, model_input_names=names)
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return fast
 
@@ -123,3 +135,29 @@ def squad_file(path: Path, n: int, seed: int) -> Path:
             "answers": [{"text": answer, "answer_start": start}]}]})
     path.write_text(json.dumps({"version": "1.1", "data": [{"title": "synthetic", "paragraphs": paragraphs}]}))
     return path
+
+
+def build_tiny_llama(directory: Path, chat_template: bool = False) -> Path:
+    """A 2-layer, 64-wide Llama with a decoder tokenizer, saved like a pretrained checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory, decoder=True, chat_template=chat_template)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, tie_word_embeddings=True,
+                         # Frozen random embeddings at the usual 0.02 scale cap the logits near 1.3
+                         # (loss >= ~3.5 over 95 tokens); a wider init lets adapters reach low loss.
+                         initializer_range=0.5)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def instruction_rows(n: int, seed: int) -> list[dict]:
+    """'say good or bad' about a sentence of polar words -> "good" or "bad"."""
+    return [{"instruction": "say good or bad", "input": r["text"], "output": "good" if r["label"] == "pos" else "bad"}
+            for r in sentiment_rows(n, seed)]

@@ -79,10 +79,14 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run's output di
             batch_size: int = typer.Option(32, min=1)) -> None:
     """Write one prediction per input row as JSON lines."""
     try:
-        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False)
+        if _generates(run_dir):  # language models: predict means generate
+            loaded, rows = _load_rows(run_dir, data, format)
+            records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, batch_size=batch_size)
+        else:
+            loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False)
+            records = loaded.task.predictions(outputs, examples, rows)
     except ShardtuneError as exc:
         _fail(exc)
-    records = loaded.task.predictions(outputs, examples, rows)
     # Write to a temporary name first: an interrupted predict leaves no truncated file.
     partial = out_file.with_name(out_file.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -93,13 +97,45 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run's output di
     err.print(f"wrote {len(records)} predictions to {out_file}")
 
 
-# ---------------------------------------------------------------------------- helpers
-def _infer(run_dir: Path, data: Path, fmt: Optional[str], batch_size: int, *, with_targets: bool):
-    import torch
+@app.command()
+def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run's output directory"),
+             prompt: Optional[list[str]] = typer.Option(None, help="an instruction (repeat for several)"),
+             max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
+    """Generate responses from a tuned causal LM (for files of prompts use predict)."""
+    from shardtune.data import Row
+    from shardtune.errors import RunError
+    from shardtune.export import load_run
 
+    try:
+        if not prompt:
+            raise RunError("give at least one --prompt")
+        loaded = load_run(run_dir)
+        if not getattr(loaded.task, "generates", False):
+            raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; generate needs a causal_lm run")
+        column = loaded.task.cols["text" if loaded.recipe.task.input == "text" else "instruction"]
+        rows = [Row({column: p}, f"--prompt {i + 1}") for i, p in enumerate(prompt)]
+        if loaded.recipe.task.input == "chat":
+            rows = [Row({loaded.task.cols["messages"]: [{"role": "user", "content": p}]}, r.where)
+                    for p, r in zip(prompt, rows)]
+        records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, max_new_tokens=max_new_tokens)
+    except ShardtuneError as exc:
+        _fail(exc)
+    for record in records:
+        print(json.dumps({"prompt": record["prompt"], "response": record["prediction"]}))
+
+
+# ---------------------------------------------------------------------------- helpers
+def _generates(run_dir: Path) -> bool:
+    from shardtune.recipe import load_raw
+
+    recipe = run_dir / "recipe.yaml"
+    return recipe.is_file() and (load_raw(recipe).get("task") or {}).get("type") == "causal_lm"
+
+
+def _load_rows(run_dir: Path, data: Path, fmt: Optional[str]):
     from shardtune.data import read_rows
     from shardtune.errors import DataError
-    from shardtune.export import forward_outputs, load_run
+    from shardtune.export import load_run
 
     if not data.exists():
         raise DataError(f"data file '{data}' does not exist")
@@ -107,7 +143,15 @@ def _infer(run_dir: Path, data: Path, fmt: Optional[str], batch_size: int, *, wi
     source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
     if fmt is None and source.resolved_format == "":
         source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
-    rows = read_rows(source)
+    return loaded, read_rows(source)
+
+
+def _infer(run_dir: Path, data: Path, fmt: Optional[str], batch_size: int, *, with_targets: bool):
+    import torch
+
+    from shardtune.export import forward_outputs
+
+    loaded, rows = _load_rows(run_dir, data, fmt)
     examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)
     outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size,
                               torch.device("cpu"))

@@ -142,9 +142,10 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tr.learning_rate, betas=tr.adam_betas)
+    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # ZeRO-3 drops empty groups (LoRA on a Llama has no trainable biases or norms), which
+    # would leave the scheduler with more groups than the optimizer.
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tr.learning_rate, betas=tr.adam_betas)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=warmup,

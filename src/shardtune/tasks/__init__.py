@@ -7,6 +7,7 @@ satisfies `Task` (base.py) and register it in TASKS.
 from __future__ import annotations
 
 from shardtune.tasks.base import Example, Task
+from shardtune.tasks.causal_lm import CausalLM
 from shardtune.tasks.question_answering import QuestionAnswering
 from shardtune.tasks.sequence_classification import SequenceClassification
 from shardtune.tasks.sequence_regression import SequenceRegression
@@ -17,6 +18,7 @@ TASKS: dict[str, type] = {
     "sequence_regression": SequenceRegression,
     "token_classification": TokenClassification,
     "question_answering": QuestionAnswering,
+    "causal_lm": CausalLM,
 }
 
 
