@@ -46,6 +46,11 @@ def gguf_cache(gguf: Path) -> Path:
         return root
     building = root.with_name(f"{root.name}.building-{os.getpid()}")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised fp32 tensors by now; transformers still marks the model
+    # as GGUF-quantised and refuses to save it unless the marks are dropped.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(building)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(building)
     (building / "tokenizer.model").unlink(missing_ok=True)  # a second copy of the GGUF, unused

@@ -128,3 +128,14 @@ def test_gguf_only_for_causal_lm(tiny_recipe, tiny_llama):
     (tiny_llama / "m.gguf").write_bytes(b"")
     with pytest.raises(RecipeError, match="GGUF files hold causal language models"):
         validate_recipe({**tiny_recipe, "model": {"path": str(tiny_llama), "gguf_file": "m.gguf"}})
+
+
+def test_fixed_instruction_and_response_map(tiny_recipe, tiny_llama):
+    task, t = lm_task(tiny_recipe, tiny_llama, instruction="say good or bad", response_map={"0": "bad", "1": "good"}), \
+        tok(tiny_llama)
+    [example] = task.encode([row(input="superb film", output=1)], t)
+    expected = lm_task(tiny_recipe, tiny_llama).encode([row(instruction="say good or bad", input="superb film",
+                                                             output="good")], t)[0]
+    assert example.features == expected.features and example.target == expected.target
+    with pytest.raises(DataError, match=r"value 7 is not in task.response_map \(\['0', '1'\]\)"):
+        task.encode([row(input="x", output=7)], t)

@@ -80,7 +80,7 @@ class CausalLM:
             ids, labels = self._chat(row, tokenizer)
         else:
             prompt = self.prompt_ids(row, tokenizer)
-            response = self._field(row, "response")
+            response = self._response(row)
             if self._uses_template(tokenizer):
                 ids = self._template(tokenizer, [{"role": "user", "content": self._user_text(row)},
                                                  {"role": "assistant", "content": response}])
@@ -173,7 +173,7 @@ class CausalLM:
                 record = {"prompt": tokenizer.decode(self.prompt_ids(row, tokenizer), skip_special_tokens=False),
                           "prediction": text}
                 if self.options.input == "instruction" and row.get(self.cols["response"]) is not None:
-                    record["response"] = row.get(self.cols["response"])
+                    record["response"] = self._response(row)
                 records.append(record)
         return records
 
@@ -196,9 +196,20 @@ class CausalLM:
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def _user_text(self, row: Row) -> str:
-        instruction = self._field(row, "instruction")
+        instruction = self.options.instruction or self._field(row, "instruction")
         extra = row.get(self.cols["input"])
         return f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+
+    def _response(self, row: Row) -> str:
+        mapping = self.options.response_map
+        if mapping is None:
+            return self._field(row, "response")
+        value = row.get(self.cols["response"])
+        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
+        if key not in mapping:
+            raise DataError(f"{row.where}: '{self.cols['response']}' value {value!r} is not in task.response_map "
+                            f"({sorted(mapping)})")
+        return mapping[key]
 
     def _messages(self, row: Row) -> list[dict]:
         messages = row.get(self.cols["messages"])
