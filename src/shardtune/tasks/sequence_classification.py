@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification
 
 from shardtune.data import Row
 from shardtune.errors import DataError
@@ -81,10 +81,7 @@ class SequenceClassification:
                 for i, f in enumerate(features)]
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
-        batch = DataCollatorWithPadding(tokenizer, return_tensors="pt")([e.features for e in examples])
-        if examples and examples[0].target is not None:
-            batch["labels"] = torch.tensor([e.target for e in examples], dtype=torch.long)
-        return dict(batch)
+        return self.inputs.collate(examples, tokenizer, torch.long)
 
     # ---------------------------------------------------------------------- results
     def outputs(self, model_output, batch) -> list[np.ndarray]:

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification
 
 from shardtune.data import Row
 from shardtune.errors import DataError
@@ -49,10 +49,7 @@ class SequenceRegression:
                 for i, (f, t) in enumerate(zip(self.inputs.encode(rows, tokenizer), targets))]
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
-        batch = DataCollatorWithPadding(tokenizer, return_tensors="pt")([e.features for e in examples])
-        if examples and examples[0].target is not None:
-            batch["labels"] = torch.tensor([e.target for e in examples], dtype=torch.float32)
-        return dict(batch)
+        return self.inputs.collate(examples, tokenizer, torch.float32)
 
     def outputs(self, model_output, batch) -> list[np.ndarray]:
         return list(model_output.logits.float().cpu().numpy())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from transformers import DataCollatorWithPadding
+
 from shardtune.data import Row
 from shardtune.errors import DataError
 
@@ -20,6 +23,14 @@ class TextInputs:
         # A pair goes through the tokenizer's pair encoding ([CLS] a [SEP] b [SEP] for BERT).
         encoded = tokenizer(texts, texts_b, truncation=True, max_length=self.max_length)
         return [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(rows))]
+
+    @staticmethod
+    def collate(examples, tokenizer, target_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Pad to the longest example; targets (class ids or scores) become `labels`."""
+        batch = DataCollatorWithPadding(tokenizer, return_tensors="pt")([e.features for e in examples])
+        if examples and examples[0].target is not None:
+            batch["labels"] = torch.tensor([e.target for e in examples], dtype=target_dtype)
+        return dict(batch)
 
     def record(self, row: Row) -> dict:
         """The inputs as they appear in a prediction record."""
