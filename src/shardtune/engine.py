@@ -163,7 +163,7 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         start_epoch, history = client_state["epoch"], client_state["history"]
         log(f"resumed from the checkpoint after epoch {start_epoch} (step {engine.global_steps})")
 
-    def evaluate(epoch: float) -> dict:
+    def evaluate(epoch: float, **extra) -> dict:
         indices = eval_shard(len(val_examples), world, rank)
         outputs = export.forward_outputs(engine.module, task, tokenizer, [val_examples[i] for i in indices],
                                          tr.eval_batch_size or 2 * tr.micro_batch_size, device)
@@ -171,7 +171,8 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         dist.all_gather_object(gathered, (indices, outputs))
         by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
         ordered = [by_index[i] for i in range(len(val_examples))]
-        metrics = {"epoch": round(epoch, 4), "step": engine.global_steps, **task.metrics(ordered, val_examples)}
+        metrics = {"epoch": round(epoch, 4), "step": engine.global_steps, **task.metrics(ordered, val_examples),
+                   **extra}
         history.append(metrics)
         log.scalars("validation", metrics, engine.global_steps)
         log("validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
@@ -190,7 +191,7 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         # generator states, and gives each rank its own dropout masks.
         torch.manual_seed(tr.seed + 7919 * (epoch + 1) + rank)
         engine.train()
-        loss_sum, loss_count = torch.zeros(2, dtype=torch.float64), 0
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of example losses, examples)
         step_started = time.perf_counter()
         for micro in epoch_micro_batches(len(train_examples), world, rank, tr.micro_batch_size,
                                          tr.gradient_accumulation_steps, tr.seed, epoch):
@@ -216,14 +217,13 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
                     f"lr {lr:.2e} {step_times[-1]:.2f}s/step eta {_duration(eta)}")
                 log.scalars("train", {"loss": loss.item(), "lr": lr}, step)
             if tr.eval_every_steps and step % tr.eval_every_steps == 0 and step != total_steps:
-                reporter.report(evaluate(epoch + (step - epoch * steps_per_epoch) / steps_per_epoch), None)
+                reporter.report(evaluate(step / steps_per_epoch), None)
             if step >= total_steps:
                 break
 
         # End of epoch: evaluate and checkpoint everything (adapter, optimizer, schedule).
         dist.all_reduce(loss_sum)
-        metrics = evaluate(engine.global_steps / steps_per_epoch)
-        metrics["train_loss"] = float(loss_sum[0] / max(loss_sum[1], 1))
+        metrics = evaluate(engine.global_steps / steps_per_epoch, train_loss=float(loss_sum[0] / max(loss_sum[1], 1)))
         checkpoint = work_dir / f"checkpoint-{epoch + 1}"
         engine.save_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True,
                                client_state={"epoch": epoch + 1, "history": history})
