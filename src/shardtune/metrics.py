@@ -22,15 +22,19 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def classification_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """loss, accuracy, macro-F1 and Matthews correlation (CoLA's metric)."""
+    """loss, accuracy, macro-F1, Matthews correlation (CoLA's metric) and, with two labels,
+    F1 of the second label as the positive class (MRPC's F1)."""
     predicted = logits.argmax(axis=-1)
     labels = list(range(logits.shape[-1]))
-    return {
+    metrics = {
         "loss": cross_entropy(logits, targets),
         "accuracy": float(accuracy_score(targets, predicted)),
         "macro_f1": float(f1_score(targets, predicted, labels=labels, average="macro", zero_division=0)),
         "mcc": float(matthews_corrcoef(targets, predicted)),
     }
+    if len(labels) == 2:
+        metrics["f1"] = float(f1_score(targets, predicted, pos_label=1, average="binary", zero_division=0))
+    return metrics
 
 
 def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:

@@ -34,6 +34,7 @@ def test_classification_metrics_by_hand():
     assert metrics["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
     # MCC = (TP*TN - FP*FN) / sqrt(...) with TP=1, TN=2, FP=1, FN=0
     assert metrics["mcc"] == pytest.approx((1 * 2 - 1 * 0) / math.sqrt(2 * 1 * 3 * 2))
+    assert metrics["f1"] == pytest.approx(2 / 3)  # class 1 as positive: P 1/2, R 1
 
 
 def test_softmax_rows_sum_to_one():
