@@ -25,6 +25,17 @@ else
   CONSTRAINTS+=(-c "$ROOT/launcher/constraints-cpu.txt")
 fi
 
+# WordNet for synonym augmentation (data.augment): Debian's wordnet-base, when we may install it.
+if [ ! -f /usr/share/wordnet/data.noun ] && [ -z "${SHARDTUNE_WORDNET:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing WordNet (Debian wordnet-base) for synonym augmentation"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base) >/dev/null 2>&1 \
+      || echo "warning: could not install wordnet-base; synonym augmentation will be refused" >&2
+  else
+    echo "note: WordNet is not installed (sudo apt-get install wordnet-base) - only synonym augmentation needs it" >&2
+  fi
+fi
+
 TARGET="$ROOT"
 [ -n "$EXTRAS" ] && TARGET="$ROOT[$EXTRAS]"
 STAMP="$VENV/.shardtune-install"

@@ -49,6 +49,12 @@ class Reporter(Protocol):
 # ----------------------------------------------------------------------------- data
 def load_examples(recipe: Recipe, task, tokenizer):
     """Read, split, sample and tokenise. Same result on every rank (all seeded)."""
+    train_rows, val_rows = load_rows(recipe, task)
+    return task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer)
+
+
+def load_rows(recipe: Recipe, task):
+    """Read, split and sample the rows, and fix the task's labels from the training rows."""
     train_rows = read_rows(recipe.data.train)
     if recipe.data.validation is not None:
         val_rows = read_rows(recipe.data.validation)
@@ -58,7 +64,16 @@ def load_examples(recipe: Recipe, task, tokenizer):
     train_rows = sample(train_rows, recipe.data.max_train_examples, recipe.train.seed)
     val_rows = sample(val_rows, recipe.data.max_eval_examples, recipe.train.seed)
     task.fit_labels(train_rows)
-    return task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer)
+    return train_rows, val_rows
+
+
+def augmented_examples(recipe: Recipe, task, tokenizer, train_rows, epoch: int):
+    """This epoch's training examples with a fresh, seeded draw of augmentations."""
+    from shardtune.data.augment import Augmenter
+
+    augmenter = Augmenter(recipe.data.augment, seed=recipe.train.seed * 100_003 + epoch)
+    rows = [task.augment(row, augmenter) if augmenter.should_augment() else row for row in train_rows]
+    return task.encode(rows, tokenizer)
 
 
 def epoch_micro_batches(n_examples: int, world: int, rank: int, micro: int, accum: int,
@@ -122,7 +137,8 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     torch.manual_seed(tr.seed)
     task = get_task(recipe)
     tokenizer = backbone.load_tokenizer(recipe)
-    train_examples, val_examples = load_examples(recipe, task, tokenizer)
+    train_rows, val_rows = load_rows(recipe, task)
+    train_examples, val_examples = task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer)
     model = backbone.load_model(recipe, task, tokenizer)
     model = apply_adapter(model, recipe, task)
     trainable, total = backbone.count_parameters(model)
@@ -190,6 +206,8 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         # makes a resumed epoch bit-identical to an uninterrupted one without saving
         # generator states, and gives each rank its own dropout masks.
         torch.manual_seed(tr.seed + 7919 * (epoch + 1) + rank)
+        if recipe.data.augment is not None:
+            train_examples = augmented_examples(recipe, task, tokenizer, train_rows, epoch)
         engine.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of example losses, examples)
         step_started = time.perf_counter()

@@ -170,6 +170,15 @@ class DataSource(Section):
         return _SUFFIX_FORMATS.get(Path(self.path).suffix.lower(), "")
 
 
+class AugmentSection(Section):
+    probability: float = Field(0.5, gt=0, le=1, description="share of training examples augmented, drawn anew each epoch")
+    synonym_replace: float = Field(0.1, ge=0, le=1, description="chance that each word becomes a WordNet synonym")
+    random_insert: float = Field(0.0, ge=0, le=1, description="insert rate x words synonyms of words at random places")
+    random_swap: float = Field(0.0, ge=0, le=1, description="swap rate x words pairs of words")
+    random_delete: float = Field(0.0, ge=0, lt=1, description="chance that each word is dropped")
+    sentence_shuffle: float = Field(0.0, ge=0, le=1, description="chance that a text's sentences are reordered")
+
+
 class DataSection(Section):
     train: DataSource = Field(description="training data")
     validation: DataSource | None = Field(None, description="validation data; default: split from train")
@@ -179,6 +188,8 @@ class DataSection(Section):
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example after truncation")
     max_train_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many training rows")
     max_eval_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many validation rows")
+    augment: AugmentSection | None = Field(
+        None, description="augment training examples on the fly (label-preserving for tagging and QA)")
 
 
 # --------------------------------------------------------------------------- train
@@ -349,6 +360,15 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if recipe.model.gguf_file and recipe.task.type != "causal_lm":
         problems.append("model.gguf_file: GGUF files hold causal language models; use task.type: causal_lm "
                         "or a transformers model directory")
+    if recipe.data.augment is not None:
+        if recipe.task.type == "causal_lm":
+            problems.append("data.augment: augmentation is for classification, regression, tagging and QA; "
+                            "remove it for causal_lm")
+        elif recipe.data.augment.synonym_replace and check_files:
+            from shardtune.data.augment import wordnet_missing
+
+            if (missing := wordnet_missing()) is not None:
+                problems.append(f"data.augment.synonym_replace: {missing}")
     if tr.warmup_steps is not None and tr.max_steps is not None and tr.warmup_steps >= tr.max_steps:
         problems.append(f"train.warmup_steps ({tr.warmup_steps}) must be below train.max_steps ({tr.max_steps})")
 

@@ -128,6 +128,8 @@ OPTIONS = [
     ("bf16-cosine", {"sharding": {"zero_stage": 2, "precision": "bf16"}, "train": {"lr_scheduler": "cosine"}},
      PEAK * 0.5 * (1 + math.cos(math.pi * 10 / 60))),
     ("constant", {"train": {"lr_scheduler": "constant"}}, PEAK),
+    ("augmented", {"data": {"augment": {"probability": 0.5, "synonym_replace": 0.2, "random_swap": 0.1}}},
+     PEAK * 50 / 60),
 ]
 
 

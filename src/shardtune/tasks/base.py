@@ -42,6 +42,9 @@ class Task(Protocol):
     def encode(self, rows: list[Row], tokenizer, *, with_targets: bool = True) -> list[Example]:
         """Validate and tokenise rows; raise DataError naming the row on bad input."""
 
+    def augment(self, row: Row, augmenter) -> Row:
+        """A label-preserving variant of a training row (data.augment); optional."""
+
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         """A padded batch the model's forward accepts (with `labels` when targets exist)."""
 

@@ -87,6 +87,23 @@ class QuestionAnswering:
         end = next(i for i in reversed(context) if offsets[i][0] < end_char)
         return start, end
 
+    def augment(self, row: Row, augmenter) -> Row:
+        """Augment the question, and the context around (never inside) the answer span."""
+        values = dict(row.values)
+        values[self.cols["question"]] = augmenter.text(self._text(row, "question"))
+        context, answers = self._text(row, "context"), self._answers(row)
+        if not answers:
+            values[self.cols["context"]] = " ".join(augmenter.words(context.split())[0])
+            return Row(values, row.where)
+        answer = answers[0]
+        start, end = answer["answer_start"], answer["answer_start"] + len(answer["text"])
+        before, after = context[:start], context[end:]
+        left = " ".join(augmenter.words(before.split())[0]) + (" " if before[-1:].isspace() else "")
+        right = (" " if after[:1].isspace() else "") + " ".join(augmenter.words(after.split())[0])
+        values[self.cols["context"]] = left + answer["text"] + right
+        values[self.cols["answers"]] = [{"text": answer["text"], "answer_start": len(left)}]
+        return Row(values, row.where)
+
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         batch = dict(DataCollatorWithPadding(tokenizer, return_tensors="pt")([e.features for e in examples]))
         if examples and examples[0].target is not None:

@@ -83,6 +83,9 @@ class SequenceClassification:
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         return self.inputs.collate(examples, tokenizer, torch.long)
 
+    def augment(self, row: Row, augmenter) -> Row:
+        return self.inputs.augment(row, augmenter)
+
     # ---------------------------------------------------------------------- results
     def outputs(self, model_output, batch) -> list[np.ndarray]:
         return list(model_output.logits.float().cpu().numpy())

@@ -51,6 +51,9 @@ class SequenceRegression:
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         return self.inputs.collate(examples, tokenizer, torch.float32)
 
+    def augment(self, row: Row, augmenter) -> Row:
+        return self.inputs.augment(row, augmenter)
+
     def outputs(self, model_output, batch) -> list[np.ndarray]:
         return list(model_output.logits.float().cpu().numpy())
 

@@ -32,6 +32,13 @@ class TextInputs:
             batch["labels"] = torch.tensor([e.target for e in examples], dtype=target_dtype)
         return dict(batch)
 
+    def augment(self, row: Row, augmenter) -> Row:
+        values = dict(row.values)
+        for column in filter(None, (self.text_col, self.text_b_col)):
+            if isinstance(values.get(column), str) and values[column].strip():
+                values[column] = augmenter.text(values[column])
+        return Row(values, row.where)
+
     def record(self, row: Row) -> dict:
         """The inputs as they appear in a prediction record."""
         record = {"text": row.get(self.text_col)}

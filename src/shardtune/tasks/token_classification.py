@@ -84,6 +84,15 @@ class TokenClassification:
                                            "tags": list(tags[i]) if with_targets else None}))
         return examples
 
+    def augment(self, row: Row, augmenter) -> Row:
+        """Entity words are never changed, moved or split; new words are tagged O."""
+        words, tags = self._words_and_tags(row)
+        protected = {i for i, tag in enumerate(tags) if tag != "O"}
+        inside = {i for i, tag in enumerate(tags) if tag.startswith("I-")}
+        new_words, sources = augmenter.words(words, protected, no_insert_before=inside)
+        new_tags = [tags[s] if s is not None else "O" for s in sources]
+        return Row({**row.values, self.tokens_col: new_words, self.tags_col: new_tags}, row.where)
+
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         features = [dict(e.features) for e in examples]
         if examples and examples[0].target is not None:
