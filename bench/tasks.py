@@ -50,7 +50,7 @@ def run_one(name: str, method: str) -> dict:
             "floor": floor, "meets_floor": None if floor is None else value >= floor,
             "seconds": round(time.perf_counter() - started, 1),
             "trainable_parameters": metrics["summary"]["trainable_parameters"],
-            "steps": metrics["summary"]["steps"], "history": metrics["history"]}
+            "steps": metrics["summary"]["steps"], "final": metrics["final"], "history": metrics["history"]}
 
 
 def main() -> None:

@@ -103,3 +103,27 @@ def squad_scores(predictions: list[str], golds: list[list[str]]) -> dict[str, fl
     f1 = [max(token_f1(p, g) for g in (gs or [""])) for p, gs in zip(predictions, golds)]
     n = max(len(predictions), 1)
     return {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n}
+
+
+def best_no_answer_threshold(candidates: list[tuple[str, float]], golds: list[list[str]]) -> dict[str, float]:
+    """SQuAD 2.0's best F1 over no-answer thresholds (the official script's find_best_thresh).
+
+    candidates: per question (best span, no-answer score minus span score). A question
+    answers its span when the margin is at most the threshold, else "" (no answer).
+    """
+    if not candidates:
+        return {"best_f1": 0.0, "best_exact_match": 0.0, "best_no_answer_threshold": 0.0}
+    order = np.argsort([margin for _, margin in candidates], kind="stable")
+    best = {}
+    for name, score in (("f1", token_f1), ("exact_match", exact_match)):
+        span = np.array([max(score(candidates[i][0], g) for g in (golds[i] or [""])) for i in order])
+        null = np.array([max(score("", g) for g in (golds[i] or [""])) for i in order])
+        # answering the k questions with the smallest margins, abstaining on the rest
+        totals = np.concatenate([[0.0], np.cumsum(span)]) + np.concatenate([np.cumsum(null[::-1])[::-1], [0.0]])
+        k = int(np.argmax(totals))
+        best[name] = (100 * totals[k] / len(candidates), k)
+    k = best["f1"][1]
+    margins = [candidates[i][1] for i in order]
+    threshold = margins[k - 1] if k > 0 else margins[0] - 1.0
+    return {"best_f1": float(best["f1"][0]), "best_exact_match": float(best["exact_match"][0]),
+            "best_no_answer_threshold": float(threshold)}

@@ -106,6 +106,9 @@ class QuestionAnsweringTask(Section):
     max_answer_tokens: int = Field(30, ge=1, description="longest answer span considered, in tokens")
     allow_no_answer: bool | None = Field(
         None, description="SQuAD 2.0: questions may be unanswerable; default: if the training data has any")
+    no_answer_threshold: float = Field(
+        0.0, description="answer no-answer when its score beats the best span by more than this; "
+                         "evaluation reports the best threshold on the validation split")
 
 
 class CausalLMTask(Section):

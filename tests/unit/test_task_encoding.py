@@ -198,3 +198,16 @@ def test_squad_metric_definitions():
     assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
     scores = squad_scores(["Paris", "", "blue"], [["paris", "Paris, France"], [], ["red"]])
     assert scores == {"exact_match": pytest.approx(200 / 3), "f1": pytest.approx(200 / 3)}
+
+
+def test_best_no_answer_threshold_by_hand():
+    from shardtune.metrics import best_no_answer_threshold
+
+    # margins: q0 -1 (span right), q1 0.5 (span right), q2 2.0 (gold: no answer), q3 3.0 (span wrong)
+    candidates = [("paris", -1.0), ("blue", 0.5), ("red", 2.0), ("x", 3.0)]
+    golds = [["Paris"], ["blue"], [], ["green"]]
+    result = best_no_answer_threshold(candidates, golds)
+    # answering q0, q1 and abstaining on q2, q3 gets 1 + 1 + 1 + 0 = 3 of 4
+    assert result["best_f1"] == pytest.approx(75.0) and result["best_exact_match"] == pytest.approx(75.0)
+    assert result["best_no_answer_threshold"] == 0.5
+    # At threshold 0 (the default), q1 would abstain: 2 of 4.

@@ -18,7 +18,7 @@ from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
 
 from shardtune.data import Row
 from shardtune.errors import DataError
-from shardtune.metrics import cross_entropy, squad_scores
+from shardtune.metrics import best_no_answer_threshold, cross_entropy, squad_scores
 from shardtune.tasks.base import Example
 
 TOP_K = 20  # start/end candidates considered per window
@@ -118,7 +118,14 @@ class QuestionAnswering:
         return [logits[i, :n] for i, n in enumerate(lengths)]
 
     def answers(self, outputs: list[np.ndarray], examples: list[Example]) -> dict[int, str]:
-        """The predicted answer text for each row, over all of its windows."""
+        """The predicted answer text for each row ("" for no answer)."""
+        threshold = self.options.no_answer_threshold
+        return {row: "" if self.allow_no_answer and margin > threshold else text
+                for row, (text, margin) in self.candidates(outputs, examples).items()}
+
+    def candidates(self, outputs: list[np.ndarray], examples: list[Example]) -> dict[int, tuple[str, float]]:
+        """Each row's best span over all of its windows, and how far the no-answer
+        ([CLS]) score is above that span's score."""
         best: dict[int, tuple[float, str]] = {}
         null: dict[int, float] = {}
         for output, example in zip(outputs, examples):
@@ -138,7 +145,7 @@ class QuestionAnswering:
         result = {}
         for row in null:
             score, text = best.get(row, (-np.inf, ""))
-            result[row] = "" if self.allow_no_answer and null[row] > score else text
+            result[row] = (text, null[row] - score)
         return result
 
     def metrics(self, outputs: list[np.ndarray], examples: list[Example]) -> dict[str, float]:
@@ -148,7 +155,11 @@ class QuestionAnswering:
         # Loss as in training: cross-entropy of the start and of the end position, averaged.
         loss = np.mean([cross_entropy(o[None, :, k], np.array([e.target[k]]))
                         for o, e in zip(outputs, examples) for k in (0, 1)])
-        return {"loss": float(loss), **squad_scores([predicted[r] for r in rows], [golds[r] for r in rows])}
+        metrics = {"loss": float(loss), **squad_scores([predicted[r] for r in rows], [golds[r] for r in rows])}
+        if self.allow_no_answer:
+            candidates = self.candidates(outputs, examples)
+            metrics.update(best_no_answer_threshold([candidates[r] for r in rows], [golds[r] for r in rows]))
+        return metrics
 
     def predictions(self, outputs: list[np.ndarray], examples: list[Example], rows: list[Row]) -> list[dict]:
         predicted = self.answers(outputs, examples)
