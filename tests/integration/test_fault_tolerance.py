@@ -30,11 +30,16 @@ def kill_a_worker_after_first_checkpoint(staging: Path, killed: list, stop: thre
     snapshot = staging / "ray" / "checkpoint_manager_snapshot.json"
     while not stop.is_set():
         if snapshot.is_file() and "checkpoint_" in snapshot.read_text(errors="ignore"):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    return
+            # Only this test session's workers: they descend from this process (its
+            # embedded Ray), while other Ray clusters on the host have workers of the same name.
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        proc.send_signal(signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+                except psutil.NoSuchProcess:
+                    continue
         time.sleep(0.01)
 
 
