@@ -53,7 +53,7 @@ def test_task_trains_evaluates_and_predicts(ray_session, tiny_recipe, tmp_path, 
     result = cli.invoke(app, ["eval", str(run_dir), "--data", str(fresh), *fmt])
     assert result.exit_code == 0, result.output
     scored = json.loads(result.stdout)
-    assert scored[metric] == pytest.approx(scored[metric]) and scored[metric] > before
+    assert scored["examples"] >= 40 and scored[metric] > before  # a fresh file, scored by the tuned run
 
     out = tmp_path / "p.jsonl"
     result = cli.invoke(app, ["predict", str(run_dir), "--data", str(fresh), "--out", str(out), *fmt])
