@@ -86,7 +86,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from shardtune.backbone import load_kwargs, model_location
+    from shardtune.backbone import load_kwargs, load_model
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
 
@@ -100,10 +100,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     task.load_state(json.loads((run_dir / TASK_STATE).read_text()))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     if (run_dir / "adapter").is_dir():
-        base = task.build_model(model_location(recipe), load_kwargs(recipe))
-        if getattr(base.config, "pad_token_id", None) is None:
-            base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+        model = PeftModel.from_pretrained(load_model(recipe, task, tokenizer), run_dir / "adapter")
     elif (run_dir / "model").is_dir():
         model = task.build_model(str(run_dir / "model"), load_kwargs(recipe))
     else:

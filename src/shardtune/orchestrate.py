@@ -196,6 +196,4 @@ class _RayReporter:
 
 
 def _ray_worker(config: dict) -> None:
-    # Ray Train logs every report at INFO; shardtune's own progress lines say it better.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     train_worker(config["recipe"], _RayReporter())

@@ -21,6 +21,12 @@ class Example:
     extra: dict = field(default_factory=dict)
 
 
+def label_head_config(labels: list[str]) -> dict:
+    """The from_pretrained/config arguments of a head with one output per label."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}}
+
+
 class Task(Protocol):
     #: peft TaskType name: decides which wrapper peft puts around the backbone
     peft_task_type: str

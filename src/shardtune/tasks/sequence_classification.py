@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import classification_metrics, softmax
-from shardtune.tasks.base import Example
+from shardtune.tasks.base import Example, label_head_config
 from shardtune.tasks.text_inputs import TextInputs
 
 
@@ -61,9 +61,7 @@ class SequenceClassification:
         return encoder_head_modules(model, self.options.train_pooler)
 
     def _head_config(self) -> dict:
-        labels = self.labels or ["0", "1"]
-        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                "label2id": {l: i for i, l in enumerate(labels)}}
+        return label_head_config(self.labels or ["0", "1"])  # placeholder labels: meta-device checks
 
     # ------------------------------------------------------------------------- data
     def encode(self, rows: list[Row], tokenizer, *, with_targets: bool = True) -> list[Example]:

@@ -15,7 +15,7 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import tagging_metrics
-from shardtune.tasks.base import Example
+from shardtune.tasks.base import Example, label_head_config
 
 IGNORE = -100  # positions the loss skips (special tokens, non-first sub-tokens)
 
@@ -52,9 +52,7 @@ class TokenClassification:
         return [n for n in ("classifier", "score") if hasattr(model, n)]
 
     def _head_config(self) -> dict:
-        labels = self.labels or ["O", "B"]
-        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                "label2id": {l: i for i, l in enumerate(labels)}}
+        return label_head_config(self.labels or ["O", "B"])  # placeholder labels: meta-device checks
 
     # ------------------------------------------------------------------------- data
     def encode(self, rows: list[Row], tokenizer, *, with_targets: bool = True) -> list[Example]:
