@@ -56,7 +56,7 @@ def plain_loop(steps: int, threads: int) -> dict:
 
     from shardtune import backbone
     from shardtune.adapters import apply_adapter
-    from shardtune.engine import epoch_micro_batches, load_examples
+    from shardtune.engine import epoch_micro_batches, load_data
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
 
@@ -66,7 +66,7 @@ def plain_loop(steps: int, threads: int) -> dict:
     torch.manual_seed(tr.seed)
     task = get_task(recipe)
     tokenizer = backbone.load_tokenizer(recipe)
-    train_examples, _ = load_examples(recipe, task, tokenizer)
+    train_examples = load_data(recipe, task, tokenizer).train_examples
     model = apply_adapter(backbone.load_model(recipe, task, tokenizer), recipe, task)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

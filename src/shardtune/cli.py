@@ -16,7 +16,7 @@ from shardtune.errors import ShardtuneError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed, parameter-efficient fine-tuning from one YAML recipe.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no wrapping: messages carry paths users grep for
 
 RecipeArg = typer.Argument(..., help="recipe YAML file", show_default=False)
 OverridesArg = typer.Argument(None, help="overrides: section.key=value ...", show_default=False)
@@ -132,8 +132,10 @@ def _generates(run_dir: Path) -> bool:
     return recipe.is_file() and (load_raw(recipe).get("task") or {}).get("type") == "causal_lm"
 
 
-def _load_rows(run_dir: Path, data: Path, fmt: Optional[str]):
+def _load_rows(run_dir: Path, data: Path, fmt: Optional[str], with_targets: bool = False):
+    """The file's rows; with the run's `data.on_bad_row: skip`, the bad ones left out and counted."""
     from shardtune.data import read_rows
+    from shardtune.engine import drop_bad_rows
     from shardtune.errors import DataError
     from shardtune.export import load_run
 
@@ -143,7 +145,13 @@ def _load_rows(run_dir: Path, data: Path, fmt: Optional[str]):
     source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
     if fmt is None and source.resolved_format == "":
         source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
-    return loaded, read_rows(source)
+    if loaded.recipe.data.on_bad_row == "error":
+        return loaded, read_rows(source)
+    bad: list[str] = []
+    rows = drop_bad_rows(read_rows(source, bad), loaded.task, loaded.tokenizer, bad, str(data), with_targets)
+    if bad:
+        err.print(f"data.on_bad_row is skip: left out {len(bad)} bad rows of '{data}'; first: {bad[0]}")
+    return loaded, rows
 
 
 def _infer(run_dir: Path, data: Path, fmt: Optional[str], batch_size: int, *, with_targets: bool):
@@ -151,7 +159,7 @@ def _infer(run_dir: Path, data: Path, fmt: Optional[str], batch_size: int, *, wi
 
     from shardtune.export import forward_outputs
 
-    loaded, rows = _load_rows(run_dir, data, fmt)
+    loaded, rows = _load_rows(run_dir, data, fmt, with_targets)
     examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)
     outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size,
                               torch.device("cpu"))

@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -47,24 +48,54 @@ class Reporter(Protocol):
 
 
 # ----------------------------------------------------------------------------- data
-def load_examples(recipe: Recipe, task, tokenizer):
-    """Read, split, sample and tokenise. Same result on every rank (all seeded)."""
-    train_rows, val_rows = load_rows(recipe, task)
-    return task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer)
+@dataclass
+class Data:
+    train_rows: list
+    val_rows: list
+    train_examples: list
+    val_examples: list
+    skipped: dict  # split -> bad rows left out (data.on_bad_row: skip)
+    problems: list  # the first few of those rows' problems, for the log
 
 
-def load_rows(recipe: Recipe, task):
-    """Read, split and sample the rows, and fix the task's labels from the training rows."""
-    train_rows = read_rows(recipe.data.train)
+def load_data(recipe: Recipe, task, tokenizer) -> Data:
+    """Read, split, sample and tokenise, and fix the task's labels from the training rows.
+    Same result on every rank (all seeded)."""
+    skip = recipe.data.on_bad_row == "skip"
+    bad_train: list[str] | None = [] if skip else None
+    bad_val: list[str] | None = [] if skip else None
+    train_rows = read_rows(recipe.data.train, bad_train)
     if recipe.data.validation is not None:
-        val_rows = read_rows(recipe.data.validation)
+        val_rows = read_rows(recipe.data.validation, bad_val)
     else:
         train_rows, val_rows = split_train_validation(train_rows, recipe.data.validation_split,
                                                       recipe.train.seed)
     train_rows = sample(train_rows, recipe.data.max_train_examples, recipe.train.seed)
     val_rows = sample(val_rows, recipe.data.max_eval_examples, recipe.train.seed)
     task.fit_labels(train_rows)
-    return train_rows, val_rows
+    if skip:
+        train_rows = drop_bad_rows(train_rows, task, tokenizer, bad_train, recipe.data.train.path)
+        val_rows = drop_bad_rows(val_rows, task, tokenizer, bad_val,
+                                 (recipe.data.validation or recipe.data.train).path)
+    skipped = {"train": len(bad_train or []), "validation": len(bad_val or [])}
+    return Data(train_rows, val_rows, task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer),
+                skipped, ((bad_train or []) + (bad_val or []))[:5])
+
+
+def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_targets: bool = True) -> list:
+    """The rows that encode on their own; the others' problems go to `bad`. A file that is
+    mostly bad is not what the recipe says it is: that stays an error."""
+    good = []
+    for row in rows:
+        try:
+            task.encode([row], tokenizer, with_targets=with_targets)
+            good.append(row)
+        except DataError as exc:
+            bad.append(str(exc))
+    if not good or len(bad) > len(good):
+        raise DataError([f"'{path}': {len(bad)} of {len(bad) + len(good)} rows do not fit the task, so the file is "
+                         "probably not the format or columns the recipe says; the first problems:", *bad[:3]])
+    return good
 
 
 def augmented_examples(recipe: Recipe, task, tokenizer, train_rows, epoch: int):
@@ -137,8 +168,11 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     torch.manual_seed(tr.seed)
     task = get_task(recipe)
     tokenizer = backbone.load_tokenizer(recipe)
-    train_rows, val_rows = load_rows(recipe, task)
-    train_examples, val_examples = task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer)
+    data = load_data(recipe, task, tokenizer)
+    train_rows, train_examples, val_examples = data.train_rows, data.train_examples, data.val_examples
+    if sum(data.skipped.values()):
+        log(f"skipped bad rows (data.on_bad_row: skip): {data.skipped['train']} train, "
+            f"{data.skipped['validation']} validation; first: " + " | ".join(data.problems))
     model = backbone.load_model(recipe, task, tokenizer)
     model = apply_adapter(model, recipe, task)
     trainable, total = backbone.count_parameters(model)
@@ -260,7 +294,7 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     summary = {
         "trainable_parameters": trainable, "total_parameters": total,
         "train_examples": len(train_examples), "validation_examples": len(val_examples),
-        "steps": engine.global_steps, "epochs": epochs, "workers": world,
+        "skipped_rows": data.skipped, "steps": engine.global_steps, "epochs": epochs, "workers": world,
         "worker_seconds": round(time.perf_counter() - started, 2),
         "time_to_first_step_s": round(time_to_first_step or 0.0, 2),
         "steady_step_s": round(statistics.median(steady), 4) if steady else None,

@@ -9,6 +9,7 @@ earlier run: with `if_exists: overwrite` the old one is replaced only at the end
 from __future__ import annotations
 
 import logging
+import sys
 import os
 import shutil
 import time
@@ -56,12 +57,15 @@ def preflight(recipe: Recipe) -> None:
     row or a misnamed module fails in seconds, before Ray starts any worker."""
     from shardtune.adapters import check_module_names
     from shardtune.backbone import load_tokenizer
-    from shardtune.engine import load_examples, optimizer_steps_per_epoch
+    from shardtune.engine import load_data, optimizer_steps_per_epoch
     from shardtune.tasks import get_task
 
     task = get_task(recipe)
-    train_examples, _ = load_examples(recipe, task, load_tokenizer(recipe))
-    optimizer_steps_per_epoch(len(train_examples), recipe.cluster.workers, recipe.train)
+    data = load_data(recipe, task, load_tokenizer(recipe))
+    if sum(data.skipped.values()):
+        print(f"data.on_bad_row is skip: leaving out {data.skipped['train']} train and "
+              f"{data.skipped['validation']} validation rows; first: " + " | ".join(data.problems), file=sys.stderr)
+    optimizer_steps_per_epoch(len(data.train_examples), recipe.cluster.workers, recipe.train)
     check_module_names(recipe, task)
 
 

@@ -193,6 +193,9 @@ class DataSection(Section):
     max_eval_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many validation rows")
     augment: AugmentSection | None = Field(
         None, description="augment training examples on the fly (label-preserving for tagging and QA)")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="a row that does not fit the task: stop with its file and line (error), "
+        "or leave it out and report the count (skip)")
 
 
 # --------------------------------------------------------------------------- train

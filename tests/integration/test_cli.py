@@ -116,6 +116,24 @@ def test_bad_rows_fail_before_ray_and_write_nothing(trained_run, tmp_path, rows,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_skip_mode_trains_on_the_good_rows_and_reports_the_count(trained_run, tmp_path):
+    raw = copy.deepcopy(trained_run["raw"])
+    bad = [{"txt": "bad", "label": "neg"}, {"text": "bad"}, {"text": "", "label": "neg"}]
+    good = [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}] * 20
+    raw["data"].update(train=str(write_jsonl(tmp_path / "train.jsonl", bad + good)), on_bad_row="skip",
+                       validation=str(write_jsonl(tmp_path / "val.jsonl", good[:8] + [{"text": "x", "label": "?"}])))
+    raw["task"] = {"type": "sequence_classification", "labels": ["neg", "pos"]}
+    raw["train"].update(epochs=1, eval_every_steps=None)
+    raw["output"]["dir"] = str(tmp_path / "out")
+    result = cli.invoke(app, ["run", str(write_recipe(tmp_path / "r.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    assert "leaving out 3 train and 1 validation rows" in result.output
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"]
+    assert summary["skipped_rows"] == {"train": 3, "validation": 1}
+    assert summary["train_examples"] == 40 and summary["validation_examples"] == 8
+    assert "skipped bad rows" in (tmp_path / "out" / "logs" / "train.log").read_text()
+
+
 def test_misnamed_target_module_is_refused_before_launch(trained_run, tmp_path):
     raw = copy.deepcopy(trained_run["raw"])
     raw["output"]["dir"] = str(tmp_path / "out")
@@ -172,3 +190,21 @@ def test_eval_with_unknown_labels_names_the_row(trained_run, tmp_path):
     data = write_jsonl(tmp_path / "odd.jsonl", [{"text": "good good", "label": "pos"}, {"text": "x", "label": "meh"}])
     result = cli.invoke(app, ["eval", str(trained_run["dir"]), "--data", str(data)])
     assert result.exit_code == 2 and "odd.jsonl:2: label 'meh'" in result.output
+
+
+def test_eval_follows_the_runs_skip_setting(trained_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["dir"], run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["on_bad_row"] = "skip"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    good = [{"text": "good good", "label": "pos"}, {"text": "bad bad", "label": "neg"}] * 3
+    data = write_jsonl(tmp_path / "odd.jsonl", good + [{"text": "x", "label": "meh"}])
+    result = cli.invoke(app, ["eval", str(run), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "left out 1 bad rows" in result.output and "odd.jsonl:7: label 'meh'" in result.output
+    assert json.loads(result.stdout[result.stdout.index("{"):])["examples"] == 6

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardtune.engine import load_examples
+from shardtune.engine import load_data
 from shardtune.export import forward_outputs, load_run
 from shardtune.orchestrate import run
 from shardtune.recipe import validate_recipe
@@ -107,7 +107,7 @@ def test_plain_peft_reload_reproduces_shardtune_evaluation(stage_runs, stage, ti
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
 
     loaded = load_run(run_dir)
-    _, val_examples = load_examples(loaded.recipe, loaded.task, tokenizer)
+    val_examples = load_data(loaded.recipe, loaded.task, tokenizer).val_examples
     plain = forward_outputs(model, loaded.task, tokenizer, val_examples, 16, torch.device("cpu"))
     ours = forward_outputs(loaded.model, loaded.task, tokenizer, val_examples, 16, torch.device("cpu"))
     np.testing.assert_allclose(plain, ours, rtol=1e-5, atol=1e-5)

@@ -152,3 +152,72 @@ def test_single_label_training_data_is_refused(task_and_tokenizer):
     task, _ = task_and_tokenizer
     with pytest.raises(DataError, match="1 distinct label"):
         task.fit_labels(rows_of([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}]))
+
+
+# ------------------------------------------------------------------ data.on_bad_row: skip
+@pytest.mark.parametrize("name,content,kept,fragment", [
+    ("bad.jsonl", '{"text": "a"}\n{"text": \n{"text": "b"}\n', 2, "bad.jsonl:2: not a JSON object"),
+    ("ragged.csv", "text,label\na,b\nc\nd,e\n", 2, "ragged.csv:3: 1 fields"),
+    ("tags.txt", "a###B-X b###O\nc##O\nd###O\n", 2, "tags.txt:2: 'c##O' is not word###TAG"),
+    ("tags.conll", "a O\nb B-X\n\nc\nd O\n\ne O\n", 2, "tags.conll:4: expected a token and a tag"),
+])
+def test_skip_mode_leaves_out_bad_lines_and_records_them(tmp_path, name, content, kept, fragment):
+    (tmp_path / name).write_text(content)
+    fmt = {"tags.txt": "wordtag", "tags.conll": "conll"}.get(name)
+    source = src(tmp_path / name, format=fmt) if fmt else src(tmp_path / name)
+    with pytest.raises(DataError, match=fragment):
+        read_rows(source)  # the default: the first bad line stops the run
+    bad: list[str] = []
+    rows = read_rows(source, bad)
+    assert len(rows) == kept and len(bad) == 1 and fragment in bad[0]
+
+
+def test_conll_skips_the_whole_sentence_of_a_bad_line(tmp_path):
+    (tmp_path / "t.conll").write_text("a O\nb B-X\n\nc\nd O\n\ne O\n")
+    bad: list[str] = []
+    rows = read_rows(src(tmp_path / "t.conll", format="conll"), bad)
+    assert [r.values["tokens"] for r in rows] == [["a", "b"], ["e"]]
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_load_data_skips_rows_that_do_not_fit_the_task_and_counts_them(tiny_recipe, tmp_path):
+    from transformers import AutoTokenizer
+
+    from shardtune.engine import load_data
+
+    good = [{"text": f"good film {i}", "label": "pos"} for i in range(10)] + \
+           [{"text": f"bad film {i}", "label": "neg"} for i in range(10)]
+    bad = [{"text": "", "label": "pos"}, {"label": "neg"}, {"text": "no label"}]
+    train = _write_jsonl(tmp_path / "train.jsonl", good + bad)
+    val = _write_jsonl(tmp_path / "val.jsonl", good[:4] + [{"text": "x", "label": "meh"}])
+    tiny_recipe["data"].update(train=str(train), validation=str(val))
+    tiny_recipe["task"]["labels"] = ["neg", "pos"]
+    recipe = validate_recipe(tiny_recipe)
+    tok = AutoTokenizer.from_pretrained(recipe.model.path)
+    with pytest.raises(DataError, match=r"train.jsonl:2[123]: "):  # the default stops at a bad row
+        load_data(recipe, get_task(recipe), tok)
+
+    tiny_recipe["data"]["on_bad_row"] = "skip"
+    recipe = validate_recipe(tiny_recipe)
+    data = load_data(recipe, get_task(recipe), tok)
+    assert data.skipped == {"train": 3, "validation": 1}
+    assert len(data.train_examples) == 20 and len(data.val_examples) == 4
+    assert any("label 'meh' is not one of" in p for p in data.problems)
+
+
+def test_skip_mode_still_refuses_a_file_that_is_mostly_bad(tiny_recipe, tmp_path):
+    from transformers import AutoTokenizer
+
+    from shardtune.engine import load_data
+
+    # Labels in the wrong column: every row lacks one; skipping would silently train on nothing.
+    train = _write_jsonl(tmp_path / "train.jsonl", [{"text": f"t {i}", "y": "pos"} for i in range(10)])
+    tiny_recipe["data"].update(train=str(train), on_bad_row="skip")
+    tiny_recipe["task"]["labels"] = ["neg", "pos"]
+    recipe = validate_recipe(tiny_recipe)
+    with pytest.raises(DataError, match="rows do not fit the task, so the file is probably not"):
+        load_data(recipe, get_task(recipe), AutoTokenizer.from_pretrained(recipe.model.path))

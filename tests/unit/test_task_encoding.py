@@ -211,3 +211,43 @@ def test_best_no_answer_threshold_by_hand():
     assert result["best_f1"] == pytest.approx(75.0) and result["best_exact_match"] == pytest.approx(75.0)
     assert result["best_no_answer_threshold"] == 0.5
     # At threshold 0 (the default), q1 would abstain: 2 of 4.
+
+
+# ------------------------------------------------------------- data.on_bad_row: skip
+def _good_and_bad(kind):
+    """Per task: rows that fit, and one that does not, with the problem it must report."""
+    if kind == "sequence_regression":
+        good = [Row({"text": f"film {i}", "label": str(i % 5)}, f"f:{i}") for i in range(4)]
+        return good, Row({"text": "film", "label": "high"}, "f:9"), "is not a number"
+    if kind == "token_classification":
+        good = [Row({"tokens": ["superb", "film"], "tags": ["B-X", "O"]}, f"f:{i}") for i in range(4)]
+        return good, Row({"tokens": ["a", "b"], "tags": ["O"]}, "f:9"), "2 words but 1 tags"
+    if kind == "question_answering":
+        good = [qa_row(qid=f"q{i}") for i in range(4)]
+        bad = Row({"question": "q", "context": "the film was bad",
+                   "answers": [{"text": "superb", "answer_start": 4}]}, "f:9")
+        return good, bad, "is not in its context"
+    good = [Row({"instruction": "rate the film", "output": "good"}, f"f:{i}") for i in range(4)]
+    return good, Row({"instruction": "rate the film", "output": ""}, "f:9"), "missing or empty"
+
+
+@pytest.mark.parametrize("kind", ["sequence_regression", "token_classification", "question_answering",
+                                  "causal_lm"])
+def test_bad_rows_are_skipped_and_reported_for_every_task(kind, tiny_recipe, tokenizer, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from shardtune.engine import drop_bad_rows
+
+    extra = {"max_length": 64}
+    if kind == "causal_lm":
+        tiny_recipe = {**tiny_recipe, "model": {"path": str(tiny_llama)}, "adapter": {"method": "lora"}}
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    task = task_for(tiny_recipe, {"type": kind}, **extra)
+    good, bad_row, fragment = _good_and_bad(kind)
+    rows = good[:2] + [bad_row] + good[2:]
+    task.fit_labels(rows)  # label fitting reads past the bad row; encode reports it
+    with pytest.raises(DataError, match=fragment):
+        task.encode(rows, tokenizer)
+    bad: list[str] = []
+    kept = drop_bad_rows(rows, task, tokenizer, bad, "f")
+    assert kept == good and len(bad) == 1 and bad[0].startswith("f:9: ") and fragment in bad[0]

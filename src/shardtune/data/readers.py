@@ -2,7 +2,9 @@
 
 The standard library's csv and json do the parsing; what this module adds is the
 error contract: a malformed file is reported with its path and line (or record),
-never half-read.
+never half-read. With `bad` (a list) a malformed line or record is recorded there and
+left out instead (`data.on_bad_row: skip`); a file that is unreadable as a whole
+(not JSON at all, no header) is always an error.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Row:
         return self.values.get(column)
 
 
-def read_rows(source: DataSource) -> list[Row]:
+def read_rows(source: DataSource, bad: list[str] | None = None) -> list[Row]:
     path = resolve_local(source.path)
     if path is None or not path.exists():
         raise DataError(f"data file '{source.path}' does not exist")
@@ -36,13 +38,26 @@ def read_rows(source: DataSource) -> list[Row]:
                "wordtag": _read_wordtag, "squad": _read_squad}
     if fmt not in readers:
         raise DataError(f"'{source.path}': unknown format '{fmt}'; one of {sorted(readers)}")
-    rows = readers[fmt](path, source)
+    problems = _Problems(bad)
+    rows = readers[fmt](path, source, problems)
     if not rows:
         raise DataError(f"'{source.path}' holds no examples")
     return rows
 
 
-def _read_jsonl(path: Path, source: DataSource) -> list[Row]:
+class _Problems:
+    """Raise a row's problem, or (skip mode) note it and let the reader go on."""
+
+    def __init__(self, bad: list[str] | None):
+        self.bad = bad
+
+    def __call__(self, message: str) -> None:
+        if self.bad is None:
+            raise DataError(message)
+        self.bad.append(message)
+
+
+def _read_jsonl(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -51,15 +66,16 @@ def _read_jsonl(path: Path, source: DataSource) -> list[Row]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not a JSON object ({exc.msg}); "
-                                "jsonl holds one JSON object per line") from None
+                problem(f"{path}:{number}: not a JSON object ({exc.msg}); jsonl holds one JSON object per line")
+                continue
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                problem(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                continue
             rows.append(Row(record, f"{path}:{number}"))
     return rows
 
 
-def _read_json(path: Path, source: DataSource) -> list[Row]:
+def _read_json(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -73,12 +89,13 @@ def _read_json(path: Path, source: DataSource) -> list[Row]:
     rows = []
     for index, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"{path}#{index}: expected a JSON object, got {type(record).__name__}")
+            problem(f"{path}#{index}: expected a JSON object, got {type(record).__name__}")
+            continue
         rows.append(Row(record, f"{path}#{index}"))
     return rows
 
 
-def _read_delimited(path: Path, source: DataSource) -> list[Row]:
+def _read_delimited(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     delimiter = "\t" if source.resolved_format == "tsv" else ","
     rows = []
     with open(path, encoding="utf-8", newline="") as handle:
@@ -95,13 +112,13 @@ def _read_delimited(path: Path, source: DataSource) -> list[Row]:
             if not cells or all(not c.strip() for c in cells):
                 continue
             if len(cells) != len(names):
-                raise DataError(f"{path}:{number}: {len(cells)} fields, expected {len(names)} "
-                                f"({', '.join(names)})")
+                problem(f"{path}:{number}: {len(cells)} fields, expected {len(names)} ({', '.join(names)})")
+                continue
             rows.append(Row(dict(zip(names, cells)), f"{path}:{number}"))
     return rows
 
 
-def _read_textdir(path: Path, source: DataSource) -> list[Row]:
+def _read_textdir(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     """One sub-folder per label, one UTF-8 (or Latin-1) text file per example."""
     rows = []
     label_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
@@ -121,17 +138,18 @@ def _read_textdir(path: Path, source: DataSource) -> list[Row]:
 
 
 # ------------------------------------------------------------------ tagged sentences
-def _read_conll(path: Path, source: DataSource) -> list[Row]:
+def _read_conll(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     """CoNLL-style columns: a token per line (first column), its tag in the last column,
-    a blank line between sentences; -DOCSTART- lines are skipped."""
-    rows, tokens, tags, start = [], [], [], 1
+    a blank line between sentences; -DOCSTART- lines are skipped. A skipped bad line
+    drops its whole sentence (a sentence missing a token would mislead the tagger)."""
+    rows, tokens, tags, start, broken = [], [], [], 1, False
     prefix = source.token_prefix or ""
 
     def flush(line_number: int) -> None:
-        nonlocal tokens, tags
-        if tokens:
+        nonlocal tokens, tags, broken
+        if tokens and not broken:
             rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{start}"))
-        tokens, tags = [], []
+        tokens, tags, broken = [], [], False
 
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -144,11 +162,11 @@ def _read_conll(path: Path, source: DataSource) -> list[Row]:
                 start = number + 1
                 continue
             fields = line.split("\t") if "\t" in line else line.split()
-            if len(fields) < 2:
-                raise DataError(f"{path}:{number}: expected a token and a tag separated by a tab or "
-                                f"spaces, got {line!r}")
             if not tokens:
                 start = number
+            if len(fields) < 2:
+                problem(f"{path}:{number}: expected a token and a tag separated by a tab or spaces, got {line!r}")
+                broken = True
             token = fields[0][len(prefix):] if prefix and fields[0].startswith(prefix) else fields[0]
             tokens.append(token)
             tags.append(fields[-1])
@@ -156,7 +174,7 @@ def _read_conll(path: Path, source: DataSource) -> list[Row]:
     return rows
 
 
-def _read_wordtag(path: Path, source: DataSource) -> list[Row]:
+def _read_wordtag(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     """One sentence a line, tokens `word###TAG` separated by spaces."""
     rows = []
     with open(path, encoding="utf-8") as handle:
@@ -167,15 +185,17 @@ def _read_wordtag(path: Path, source: DataSource) -> list[Row]:
             for item in line.split():
                 word, sep, tag = item.rpartition("###")
                 if not sep or not word or not tag:
-                    raise DataError(f"{path}:{number}: {item!r} is not word###TAG")
+                    problem(f"{path}:{number}: {item!r} is not word###TAG")
+                    break
                 tokens.append(word)
                 tags.append(tag)
-            rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{number}"))
+            else:
+                rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{number}"))
     return rows
 
 
 # ------------------------------------------------------------------------ SQuAD json
-def _read_squad(path: Path, source: DataSource) -> list[Row]:
+def _read_squad(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     """SQuAD 1.1 / 2.0 json: one row per question with its context and gold answers."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -190,7 +210,8 @@ def _read_squad(path: Path, source: DataSource) -> list[Row]:
             for q, qa in enumerate(paragraph.get("qas", [])):
                 where = f"{path}#data[{a}].paragraphs[{p}].qas[{q}]"
                 if not isinstance(context, str) or not isinstance(qa.get("question"), str):
-                    raise DataError(f"{where}: a question needs 'question' and its paragraph a 'context'")
+                    problem(f"{where}: a question needs 'question' and its paragraph a 'context'")
+                    continue
                 rows.append(Row({
                     "id": str(qa.get("id", f"{a}-{p}-{q}")), "question": qa["question"], "context": context,
                     "answers": qa.get("answers", []), "is_impossible": bool(qa.get("is_impossible", False)),

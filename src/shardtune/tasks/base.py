@@ -21,6 +21,20 @@ class Example:
     extra: dict = field(default_factory=dict)
 
 
+def readable(rows: list[Row], read) -> list:
+    """`read(row)` for the rows it can read. Label fitting uses this: a row whose label is
+    unreadable is reported (or skipped) by `encode`, which names the row."""
+    from shardtune.errors import DataError
+
+    values = []
+    for row in rows:
+        try:
+            values.append(read(row))
+        except DataError:
+            pass
+    return values
+
+
 def label_head_config(labels: list[str]) -> dict:
     """The from_pretrained/config arguments of a head with one output per label."""
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),

@@ -19,7 +19,7 @@ from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import best_no_answer_threshold, cross_entropy, squad_scores
-from shardtune.tasks.base import Example
+from shardtune.tasks.base import Example, readable
 
 TOP_K = 20  # start/end candidates considered per window
 
@@ -37,7 +37,7 @@ class QuestionAnswering:
 
     def fit_labels(self, train_rows: list[Row]) -> None:
         if self.allow_no_answer is None:
-            self.allow_no_answer = any(not self._answers(row) for row in train_rows)
+            self.allow_no_answer = any(not answers for answers in readable(train_rows, self._answers))
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
         return AutoModelForQuestionAnswering.from_pretrained(model_path, **load_kwargs)

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import classification_metrics, softmax
-from shardtune.tasks.base import Example, label_head_config
+from shardtune.tasks.base import Example, label_head_config, readable
 from shardtune.tasks.text_inputs import TextInputs
 
 
@@ -43,7 +43,7 @@ class SequenceClassification:
     def fit_labels(self, train_rows: list[Row]) -> None:
         if self.labels is not None:
             return
-        found = {self._raw_label(row) for row in train_rows}
+        found = set(readable(train_rows, self._raw_label))
         if len(found) < 2:
             raise DataError(f"the training data has {len(found)} distinct label(s) in column "
                             f"'{self.label_col}'; classification needs at least two")

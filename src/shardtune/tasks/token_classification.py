@@ -15,7 +15,7 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import tagging_metrics
-from shardtune.tasks.base import Example, label_head_config
+from shardtune.tasks.base import Example, label_head_config, readable
 
 IGNORE = -100  # positions the loss skips (special tokens, non-first sub-tokens)
 
@@ -35,7 +35,7 @@ class TokenClassification:
     def fit_labels(self, train_rows: list[Row]) -> None:
         if self.labels is not None:
             return
-        found = {tag for row in train_rows for tag in self._words_and_tags(row)[1]}
+        found = {tag for _, tags in readable(train_rows, self._words_and_tags) for tag in tags}
         self.labels = (["O"] if "O" in found else []) + sorted(found - {"O"})
         if len(self.labels) < 2:
             raise DataError(f"the training data has only the tag(s) {self.labels}; tagging needs two or more")
