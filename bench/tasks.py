@@ -1,9 +1,10 @@
 """Quality benchmark for the encoder recipes: LoRA (as shipped) against full fine-tuning of
-the same backbone on the same seeded split, in one run.
+the same backbone on the same seeded split, and against the Hugging Face Trainer + peft
+training the same LoRA set-up in one process (bench/hf_trainer.py).
 
     python bench/tasks.py                       # every encoder recipe (hours on 2 CPU cores)
     python bench/tasks.py stsb squad            # some of them
-    python bench/tasks.py stsb --methods lora   # LoRA only
+    python bench/tasks.py stsb --methods lora   # LoRA only (methods: lora full hf)
 
 Writes bench/results/tasks.json, merging with earlier results (one entry per recipe and
 method), and prints the table. Floors (issue 6): SST-2 accuracy 0.87, MRPC F1 0.80,
@@ -32,18 +33,25 @@ RECIPES = {
     "squad": ("f1", 50.0),
 }
 # Full fine-tuning trains every weight: a smaller learning rate, as in the BERT paper.
-METHODS = {"lora": [], "full": ["adapter.method=none", "train.learning_rate=5e-5"]}
+METHODS = {"lora": [], "full": ["adapter.method=none", "train.learning_rate=5e-5"], "hf": []}
 
 
 def run_one(name: str, method: str) -> dict:
     out = RESULTS / "tmp" / f"{name}-{method}"
-    cmd = [sys.executable, "-m", "shardtune.cli", "run", str(ROOT / "recipes" / f"{name}.yaml"),
-           f"output.dir={out}", "output.if_exists=overwrite", *METHODS[method]]
+    recipe = str(ROOT / "recipes" / f"{name}.yaml")
+    if method == "hf":
+        cmd = [sys.executable, str(ROOT / "bench" / "hf_trainer.py"), recipe, "--out", str(out / "metrics.json")]
+    else:
+        cmd = [sys.executable, "-m", "shardtune.cli", "run", recipe, f"output.dir={out}",
+               "output.if_exists=overwrite", *METHODS[method]]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stdout + proc.stderr)[-2000:]}
     metrics = json.loads((out / "metrics.json").read_text())
+    if method == "hf":
+        metrics["summary"] = {"trainable_parameters": metrics["trainable_parameters"], "steps": metrics["steps"]}
+        metrics["history"] = []
     metric, floor = RECIPES[name]
     value = metrics["final"][metric]
     return {"metric": metric, "value": round(value, 4), "before": round(metrics["before"][metric], 4),
@@ -70,9 +78,10 @@ def main() -> None:
             print(f"  {entry.get('metric')}: {entry.get('value')} in {entry.get('seconds')} s"
                   if "error" not in entry else f"  failed: {entry['error'][-300:]}", flush=True)
     for name, by_method in results.items():
-        lora, full = by_method.get("lora", {}), by_method.get("full", {})
-        if "value" in lora and "value" in full:
-            by_method["lora_minus_full"] = round(lora["value"] - full["value"], 4)
+        lora = by_method.get("lora", {})
+        for other in ("full", "hf"):
+            if "value" in lora and "value" in by_method.get(other, {}):
+                by_method[f"lora_minus_{other}"] = round(lora["value"] - by_method[other]["value"], 4)
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
