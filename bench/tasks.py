@@ -33,7 +33,7 @@ RECIPES = {
     "squad": ("f1", 50.0),
 }
 # Full fine-tuning trains every weight: a smaller learning rate, as in the BERT paper.
-METHODS = {"lora": [], "full": ["adapter.method=none", "train.learning_rate=5e-5"], "hf": []}
+METHODS = {"lora": [], "full": ["adapter={method: none}", "train.learning_rate=5e-5"], "hf": []}
 
 
 def run_one(name: str, method: str) -> dict:

@@ -1,8 +1,5 @@
-"""Loading a pretrained backbone and its tokenizer from a hub id, a local folder or a package.
-
-Quantisation (bitsandbytes) will plug in here through `load_kwargs`; the recipe
-already has the section, and the validator refuses modes that are not built yet.
-"""
+"""Loading a pretrained backbone and its tokenizer from a hub id, a local folder or a package,
+quantised by bitsandbytes when the recipe says so (see quantization.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from shardtune import quantization
 from shardtune.sources import resolve_local
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,8 +59,17 @@ def gguf_cache(gguf: Path) -> Path:
     return root
 
 
-def load_kwargs(recipe) -> dict:
-    return {"dtype": DTYPES[recipe.model.dtype]}
+def load_kwargs(recipe, *, quantize: bool = True) -> dict:
+    """from_pretrained arguments. quantize=False loads the backbone in full precision
+    (what `shardtune merge` merges into)."""
+    kwargs: dict = {"dtype": DTYPES[recipe.model.dtype]}
+    config = quantization.bnb_config(recipe) if quantize else None
+    if config is not None:
+        kwargs["quantization_config"] = config
+        if recipe.cluster.gpus_per_worker > 0 and torch.cuda.is_available():
+            # Quantised weights are made on the device they load to; one GPU per worker.
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return kwargs
 
 
 def load_tokenizer(recipe):
@@ -73,10 +80,11 @@ def load_tokenizer(recipe):
     return tokenizer
 
 
-def load_model(recipe, task, tokenizer) -> torch.nn.Module:
-    model = task.build_model(model_location(recipe), load_kwargs(recipe))
+def load_model(recipe, task, tokenizer, *, quantize: bool = True) -> torch.nn.Module:
+    model = task.build_model(model_location(recipe), load_kwargs(recipe, quantize=quantize))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    quantization.guard_cpu_4bit_gradients(model)
     return model
 
 
@@ -95,3 +103,14 @@ def meta_model(recipe, task) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(model_location(recipe))
     with init_empty_weights():
         return task.build_model_from_config(config)
+
+
+def check_prequantized(recipe) -> None:
+    """Refuse a checkpoint saved already quantised under ZeRO-3 (see compat.py), from its config."""
+    from transformers import AutoConfig
+
+    from shardtune.compat import PREQUANTIZED_ZERO3
+    from shardtune.errors import RecipeError
+
+    if recipe.sharding.zero_stage == 3 and quantization.prequantized(AutoConfig.from_pretrained(model_location(recipe))):
+        raise RecipeError(f"model.path {recipe.model.path} with sharding.zero_stage 3: {PREQUANTIZED_ZERO3[1]}")

@@ -1,4 +1,4 @@
-"""The `shardtune` command: validate, run, eval, predict."""
+"""The `shardtune` command: validate, run, eval, predict, generate, merge."""
 
 from __future__ import annotations
 
@@ -122,6 +122,20 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
         _fail(exc)
     for record in records:
         print(json.dumps({"prompt": record["prompt"], "response": record["prediction"]}))
+
+
+@app.command()
+def merge(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
+          out_dir: Path = typer.Option(..., "--out", help="new folder for the merged model")) -> None:
+    """Merge the run's adapter into the full-precision base and write a standalone model."""
+    from shardtune.export import merge_run
+
+    try:
+        written = merge_run(run_dir, out_dir)
+    except ShardtuneError as exc:
+        _fail(exc)
+    err.print(f"wrote the merged model to {written} (load it with from_pretrained; pass a "
+              "BitsAndBytesConfig to quantise it again)")
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -27,8 +27,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from shardtune import backbone, export
-from shardtune.adapters import apply_adapter, is_peft
+from shardtune import backbone, export, quantization
+from shardtune.adapters import apply_adapter, is_peft, optimizer_groups
 from shardtune.data import read_rows, sample, split_train_validation
 from shardtune.errors import DataError, RecipeError
 from shardtune.recipe import Recipe
@@ -186,21 +186,16 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = tr.warmup_steps if tr.warmup_steps is not None else round(tr.warmup_ratio * total_steps)
 
-    # AdamW without weight decay on biases and norms; a torch optimizer, so DeepSpeed
-    # compiles nothing (see sharding.deepspeed_config).
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # ZeRO-3 drops empty groups (LoRA on a Llama has no trainable biases or norms), which
-    # would leave the scheduler with more groups than the optimizer.
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tr.learning_rate, betas=tr.adam_betas)
+    # AdamW (a torch optimizer, so DeepSpeed compiles nothing; see sharding.deepspeed_config)
+    # over the adapter's parameter groups.
+    optimizer = torch.optim.AdamW(optimizer_groups(model, recipe), lr=tr.learning_rate, betas=tr.adam_betas)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
+    if not quantization.is_quantized(recipe):  # quantised weights were placed when loaded
+        model = model.to(device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, world))
 

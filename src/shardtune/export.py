@@ -107,3 +107,49 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise RunError(f"'{run_dir}' holds neither adapter/ nor model/; the run did not finish")
     model.eval()
     return LoadedRun(recipe, task, tokenizer, model)
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a run's adapter into its base weights and write a standalone model folder.
+
+    The base is loaded unquantised even for a quantised (QLoRA) run: merging into 4-bit
+    codes would round the update away. Load the result with a BitsAndBytesConfig to
+    quantise it again. Soft prompts have no weights to merge into.
+    """
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from shardtune.adapters import SOFT_PROMPT_METHODS
+    from shardtune.backbone import load_model
+    from shardtune.recipe import load_recipe
+    from shardtune.tasks import get_task
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise RunError(f"'{run_dir}' is not a finished shardtune run: recipe.yaml is missing")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RunError(f"'{out_dir}' already exists and is not empty; choose a new --out folder")
+    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    method = recipe.adapter.method
+    if method in SOFT_PROMPT_METHODS:
+        raise RunError(f"a {method} adapter adds soft tokens to every input; there are no weights to merge it "
+                       f"into. Load {run_dir / 'adapter'} with peft's PeftModel.from_pretrained instead")
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    if method == "none":  # full fine-tuning: the run already holds the whole model
+        shutil.copytree(run_dir / "model", staging)
+    else:
+        task = get_task(recipe)
+        task.load_state(json.loads((run_dir / TASK_STATE).read_text()))
+        base = load_model(recipe, task, tokenizer, quantize=False)
+        merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+        merged.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    staging.rename(out_dir)
+    return out_dir

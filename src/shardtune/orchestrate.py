@@ -56,6 +56,7 @@ def preflight(recipe: Recipe) -> None:
     """Checks that need the model's files or the data, done on the driver so that a bad
     row or a misnamed module fails in seconds, before Ray starts any worker."""
     from shardtune.adapters import check_module_names
+    from shardtune.backbone import check_prequantized
     from shardtune.backbone import load_tokenizer
     from shardtune.engine import load_data, optimizer_steps_per_epoch
     from shardtune.tasks import get_task
@@ -67,6 +68,7 @@ def preflight(recipe: Recipe) -> None:
               f"{data.skipped['validation']} validation rows; first: " + " | ".join(data.problems), file=sys.stderr)
     optimizer_steps_per_epoch(len(data.train_examples), recipe.cluster.workers, recipe.train)
     check_module_names(recipe, task)
+    check_prequantized(recipe)
 
 
 def _claim_output(final_dir: Path, if_exists: str) -> Path:

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
+from shardtune import compat
 from shardtune.errors import RecipeError
 from shardtune.sources import resolve_local
 
@@ -35,29 +37,100 @@ class ModelSection(Section):
 
 class QuantizationSection(Section):
     mode: Literal["none", "nf4", "fp4", "int8"] = Field(
-        "none", description="bitsandbytes quantisation of the frozen backbone")
+        "none", description="bitsandbytes quantisation of the frozen backbone: 4-bit nf4/fp4 or 8-bit int8")
+    double_quant: bool = Field(False, description="4-bit: also quantise the quantisation constants (QLoRA)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="4-bit: dtype of the matmuls; default: model.dtype")
+    storage_dtype: Literal["uint8", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="4-bit: dtype the packed weights are stored in; default: uint8, or the compute "
+                          "dtype under ZeRO-3 (which partitions every weight and needs a float dtype)")
 
 
 # ------------------------------------------------------------------------- adapter
-class AdapterSection(Section):
-    method: Literal["lora", "none"] = Field(
-        "lora", description="lora: train low-rank adapters; none: full fine-tuning (every weight trains)")
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank; higher trains more parameters")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["query", "value"],
-        description="module names to adapt, or all-linear")
-    modules_to_save: list[str] | None = Field(
-        None, description="extra modules trained in full and saved with the adapter; "
-                          "default: the task's head")
+TargetModules = list[str] | Literal["all-linear"]
+_MODULES_TO_SAVE = Field(None, description="modules trained in full and saved with the adapter; "
+                                           "default: the task's head")
 
-    @field_validator("target_modules")
+
+class _Adapter(Section):
+    modules_to_save: list[str] | None = _MODULES_TO_SAVE
+
+    @field_validator("target_modules", check_fields=False)
     @classmethod
     def _non_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("must name at least one module, or be all-linear")
         return value
+
+
+class LoraAdapter(_Adapter):
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank; higher trains more parameters")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r))")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: TargetModules = Field(
+        default_factory=lambda: ["query", "value"], description="module names to adapt, or all-linear")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r) (rsLoRA)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): a trained magnitude per output")
+    init: Literal["default", "gaussian", "pissa"] = Field(
+        "default", description="A/B initialisation: default (B = 0), gaussian, or pissa (principal singular "
+                               "vectors of the weight; needs an unquantised backbone)")
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, description="LoRA+: the B matrices learn this many times faster than the A matrices")
+
+
+class IA3Adapter(_Adapter):
+    method: Literal["ia3"]
+    target_modules: TargetModules | None = Field(
+        None, description="modules whose activations get a learned scaling vector; default: peft's per "
+                          "architecture (keys, values and the feed-forward output)")
+    feedforward_modules: list[str] | None = Field(
+        None, description="those of target_modules that are feed-forward layers (scaled on their input)")
+
+
+class PromptTuningAdapter(_Adapter):
+    method: Literal["prompt_tuning"]
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="soft tokens prepended to every input")
+    init_text: str | None = Field(
+        None, description="initialise the soft tokens from this text's embeddings (default: random)")
+
+
+class PrefixTuningAdapter(_Adapter):
+    """Trained keys and values on every layer: deep prompts, as in P-tuning v2."""
+    method: Literal["prefix_tuning"]
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="prefix length on every layer")
+    projection: bool = Field(
+        False, description="reparameterise the prefix through a two-layer MLP (prefix tuning paper)")
+    projection_hidden_size: int | None = Field(None, ge=1, description="the MLP's hidden size; default: the model's")
+
+
+class PTuningAdapter(_Adapter):
+    method: Literal["p_tuning"]
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="soft tokens prepended to every input")
+    encoder: Literal["MLP", "LSTM"] = Field("MLP", description="the prompt encoder network")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="the prompt encoder's hidden size")
+
+
+class FullFineTuning(Section):
+    method: Literal["none"]
+    modules_to_save: list[str] | None = Field(None, description="not used: every weight trains")
+
+
+ADAPTER_METHODS = ["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "none"]
+
+
+def _adapter_method(value) -> str:
+    if isinstance(value, dict):
+        return value.get("method", "lora")
+    return getattr(value, "method", "lora")
+
+
+AdapterSection = Annotated[
+    Union[Annotated[LoraAdapter, Tag("lora")], Annotated[IA3Adapter, Tag("ia3")],
+          Annotated[PromptTuningAdapter, Tag("prompt_tuning")], Annotated[PrefixTuningAdapter, Tag("prefix_tuning")],
+          Annotated[PTuningAdapter, Tag("p_tuning")], Annotated[FullFineTuning, Tag("none")]],
+    Discriminator(_adapter_method, custom_error_type="adapter_method",
+                  custom_error_message="unknown adapter method")]
 
 
 # ---------------------------------------------------------------------------- task
@@ -247,7 +320,7 @@ class OutputSection(Section):
 class Recipe(Section):
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
-    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    adapter: AdapterSection = Field(default_factory=LoraAdapter)
     task: TaskSection = Field(default_factory=SequenceClassificationTask)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
@@ -357,9 +430,13 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if sh.precision == "fp16" and cl.gpus_per_worker == 0:
         problems.append("sharding.precision: fp16 needs GPUs (cluster.gpus_per_worker > 0); "
                         "use fp32 or bf16 on CPU")
-    if recipe.quantization.mode != "none":
-        problems.append(f"quantization.mode: {recipe.quantization.mode} is not available in this version "
-                        "(quantised backbones are roadmap step 3); use mode: none")
+    problems += compat.recipe_problems(recipe)
+    q = recipe.quantization
+    if q.mode == "int8" and (q.double_quant or q.compute_dtype or q.storage_dtype):
+        problems.append("quantization.double_quant, compute_dtype and storage_dtype apply to 4-bit modes (nf4, fp4); "
+                        "remove them for int8")
+    if q.mode != "none" and "float16" in (q.compute_dtype, recipe.model.dtype) and cl.gpus_per_worker == 0:
+        problems.append("float16 (model.dtype or quantization.compute_dtype) needs GPUs; use float32 or bfloat16 on CPU")
     if recipe.adapter.method == "none" and recipe.adapter.modules_to_save:
         problems.append("adapter.modules_to_save applies to adapters; with method: none every weight "
                         "trains already, so remove it")
@@ -433,25 +510,37 @@ def _check_exists(field: str, spec: str, *, want_dir: bool) -> list[str]:
 # ------------------------------------------------------------- error explanations
 def _explain(err: dict) -> str:
     loc = [str(p) for p in err["loc"]]
-    # Discriminated unions put the tag in the location (task.sequence_classification.labels).
-    loc = [p for p in loc if p not in TASK_TYPES]
+    # Discriminated unions put the tag in the location (task.sequence_classification.labels);
+    # the tag picks the member class whose fields the message lists.
+    tags = {p: i for i, p in enumerate(loc) if p in TASK_TYPES or (p in ADAPTER_METHODS and i == 1)}
+    member = {loc[i - 1]: p for p, i in tags.items()}
+    loc = [p for i, p in enumerate(loc) if i not in tags.values()]
     dotted = ".".join(loc)
     kind = err["type"]
+    if kind == "adapter_method":
+        method = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
+        return (f"adapter.method: unknown method {method!r}{_did_you_mean(str(method), ADAPTER_METHODS)}; "
+                f"one of {ADAPTER_METHODS}")
     if kind == "extra_forbidden":
-        parent_fields = _fields_at(loc[:-1])
+        parent_fields = _fields_at(loc[:-1], member)
         hint = _did_you_mean(loc[-1], parent_fields)
+        if not hint and loc[:1] == ["adapter"]:
+            owners = [m for m, c in MEMBERS["adapter"].items() if loc[-1] in c.model_fields]
+            hint = (f" for adapter.method {member.get('adapter')} (it is a key of {', '.join(owners)}; to switch "
+                    f"methods in an override, replace the section: adapter='{{method: {member.get('adapter')}}}')"
+                    if owners else "")
         where = ".".join(loc[:-1]) or "the recipe"
         allowed = f"; keys of {where}: {', '.join(sorted(parent_fields))}" if parent_fields else ""
         return f"{dotted}: unknown key{hint}{allowed}"
     if kind == "missing":
-        return f"{dotted}: required; {_describe(loc) or 'add it'}"
+        return f"{dotted}: required; {_describe(loc, member) or 'add it'}"
     if kind == "union_tag_invalid":
         return f"{dotted}.type: unknown task type {err.get('input', {}).get('type')!r}; one of {TASK_TYPES}"
     if kind == "union_tag_not_found":
         return f"{dotted}.type: required; one of {TASK_TYPES}"
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
-    desc = _describe(loc)
+    desc = _describe(loc, member)
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"{dotted}: {msg}{got_text}" + (f"; {dotted} is the {desc}" if desc else "")
 
@@ -475,24 +564,38 @@ def _model_class(annotation) -> type[BaseModel] | None:
     return None
 
 
-def _field_at(loc: list[str]):
+MEMBERS = {"adapter": {"lora": LoraAdapter, "ia3": IA3Adapter, "prompt_tuning": PromptTuningAdapter,
+                       "prefix_tuning": PrefixTuningAdapter, "p_tuning": PTuningAdapter, "none": FullFineTuning}}
+
+
+def _field_at(loc: list[str], member: dict | None = None):
     cls: type[BaseModel] | None = Recipe
     field = None
     for part in loc:
         if cls is None or part not in cls.model_fields:
             return None, None
         field = cls.model_fields[part]
-        cls = _model_class(field.annotation)
+        chosen = (member or {}).get(part)
+        cls = MEMBERS.get(part, {}).get(chosen) if chosen in MEMBERS.get(part, {}) else _model_class(field.annotation)
+        if chosen in TASK_TYPES:
+            cls = _task_class(chosen)
     return field, cls
 
 
-def _fields_at(loc: list[str]) -> list[str]:
+def _task_class(task_type: str):
+    for arg in typing.get_args(typing.get_args(TaskSection)[0]):
+        if arg.model_fields["type"].annotation == Literal[task_type]:
+            return arg
+    return None
+
+
+def _fields_at(loc: list[str], member: dict | None = None) -> list[str]:
     if not loc:
         return list(Recipe.model_fields)
-    _, cls = _field_at(loc)
+    _, cls = _field_at(loc, member)
     return list(cls.model_fields) if cls else []
 
 
-def _describe(loc: list[str]) -> str:
-    field, _ = _field_at(loc)
+def _describe(loc: list[str], member: dict | None = None) -> str:
+    field, _ = _field_at(loc, member)
     return (field.description or "") if field else ""

@@ -42,7 +42,8 @@ BAD = [
     ("offload params needs ZeRO-3", ("sharding", "offload_params", True),
      ["sharding.offload_params needs sharding.zero_stage: 3", "set zero_stage: 3"]),
     ("fp16 on CPU", ("sharding", "precision", "fp16"), ["fp16 needs GPUs", "use fp32 or bf16"]),
-    ("quantisation not built", ("quantization", "mode", "nf4"), ["quantization.mode: nf4", "use mode: none"]),
+    ("unknown quantisation", ("quantization", "mode", "nf5"), ["quantization.mode: input should be 'none', 'nf4'",
+                                                               "(got 'nf5')"]),  # combinations: test_compat
     ("missing data file", ("data", "train", "/no/such/train.jsonl"), ["data.train.path", "does not exist"]),
     ("missing model dir", ("model", "path", "./no-such-model"), ["model.path", "does not exist"]),
     ("missing package", ("model", "path", "package:no_such_pkg/model"), ["model.path", "no installed package 'no_such_pkg'"]),

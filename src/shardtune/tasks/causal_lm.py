@@ -141,7 +141,9 @@ class CausalLM:
     # ---------------------------------------------------------------------- results
     def outputs(self, model_output, batch) -> list[np.ndarray]:
         """Per example: [summed negative log-likelihood of its label tokens, their count]."""
-        logits = model_output.logits[:, :-1].float()
+        # Soft-prompt adapters (prompt_tuning, p_tuning) prepend virtual tokens to the logits.
+        logits = model_output.logits[:, -batch["labels"].shape[1]:]
+        logits = logits[:, :-1].float()
         labels = batch["labels"][:, 1:].to(logits.device)
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
                                                 reduction="none")

@@ -24,8 +24,10 @@ def encoder_head_modules(model: torch.nn.Module, train_pooler: bool) -> list[str
     ship a pooler never trained for classification; frozen, it costs ~0.4 STS-B Pearson."""
     names = [n for n in ("classifier", "score") if hasattr(model, n)]
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if train_pooler and getattr(base, "pooler", None) is not None:
-        names.append("pooler")
+    if train_pooler and getattr(getattr(base, "pooler", None), "dense", None) is not None:
+        # The pooler's weights are its dense layer; naming the layer (not the pooler) keeps
+        # peft's merge working for IA3, which expects a weight on every module it saves.
+        names.append("pooler.dense")
     return names
 
 
