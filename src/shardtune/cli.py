@@ -43,7 +43,10 @@ def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = Override
 @app.command()
 def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
         address: Optional[str] = typer.Option(None, help="Ray cluster address to attach to "
-                                                         "(default: the recipe's, else an embedded cluster)")) -> None:
+                                                         "(default: the recipe's, else an embedded cluster)"),
+        resume: bool = typer.Option(False, "--resume", help="continue a run stopped by SIGTERM/SIGUSR1 "
+                                                            "(Slurm's time limit) from its checkpoint; "
+                                                            "starts afresh if there is none")) -> None:
     """Validate a recipe and train it on Ray + DeepSpeed."""
     from shardtune.recipe import load_recipe
 
@@ -51,7 +54,7 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
         resolved = load_recipe(recipe, overrides or [])
         from shardtune.orchestrate import run as run_recipe
 
-        result = run_recipe(resolved, address=address)
+        result = run_recipe(resolved, address=address, resume=resume)
     except ShardtuneError as exc:
         _fail(exc)
     _print_summary(result)

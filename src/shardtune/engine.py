@@ -19,6 +19,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from shardtune.tasks import get_task
 
 CHECKPOINT_TAG = "state"  # DeepSpeed checkpoint folder inside a reported checkpoint
 EXPORT_DIR = "export"     # the finished run's files inside the final checkpoint
+STOP_FILE = "STOP"        # created by the launcher to ask the workers to checkpoint and stop
 
 
 class Reporter(Protocol):
@@ -45,6 +47,10 @@ class Reporter(Protocol):
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
 
     def latest_checkpoint(self) -> str | None: ...
+
+    def stop_requested(self) -> bool:
+        """True once the launcher was asked to stop (SIGTERM, Slurm's warning signal)."""
+        ...
 
 
 # ----------------------------------------------------------------------------- data
@@ -199,14 +205,19 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, world))
 
-    # Resume: Ray hands back the last reported checkpoint after a worker failure.
+    # Resume: Ray hands back the last reported checkpoint after a worker failure, or the
+    # stop checkpoint of a run continued with `shardtune run --resume`.
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch, resume_micro, resume_rank_state = 0, 0, None
     resume_dir = reporter.latest_checkpoint()
     if resume_dir and (Path(resume_dir) / CHECKPOINT_TAG).is_dir():
         _, client_state = engine.load_checkpoint(resume_dir, tag=CHECKPOINT_TAG, load_module_strict=False)
         start_epoch, history = client_state["epoch"], client_state["history"]
-        log(f"resumed from the checkpoint after epoch {start_epoch} (step {engine.global_steps})")
+        resume_micro = client_state.get("micro_batches_done", 0)
+        if resume_micro:  # stopped mid-epoch: this rank's RNG and running loss come back too
+            resume_rank_state = torch.load(Path(resume_dir) / f"rank-{rank}.pt", weights_only=False)
+        log(f"resumed from the checkpoint after epoch {start_epoch}"
+            f"{f' and {resume_micro} micro-batches' if resume_micro else ''} (step {engine.global_steps})")
 
     def evaluate(epoch: float, **extra) -> dict:
         indices = eval_shard(len(val_examples), world, rank)
@@ -239,9 +250,15 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
             train_examples = augmented_examples(recipe, task, tokenizer, train_rows, epoch)
         engine.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of example losses, examples)
+        skip = resume_micro if epoch == start_epoch else 0
+        if skip:
+            torch.set_rng_state(resume_rank_state["rng"])
+            loss_sum = resume_rank_state["loss_sum"]
         step_started = time.perf_counter()
-        for micro in epoch_micro_batches(len(train_examples), world, rank, tr.micro_batch_size,
-                                         tr.gradient_accumulation_steps, tr.seed, epoch):
+        for n, micro in enumerate(epoch_micro_batches(len(train_examples), world, rank, tr.micro_batch_size,
+                                                      tr.gradient_accumulation_steps, tr.seed, epoch)):
+            if n < skip:
+                continue  # done before the stop; the order of an epoch is fixed by its seed
             batch = task.collate([train_examples[i] for i in micro], tokenizer)
             loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
             engine.backward(loss)
@@ -267,6 +284,18 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
                 reporter.report(evaluate(step / steps_per_epoch), None)
             if step >= total_steps:
                 break
+            if _stop_agreed(reporter, device):
+                # Asked to stop (SIGTERM, Slurm's warning): checkpoint where we are, so that
+                # `shardtune run --resume` continues from this step.
+                checkpoint = work_dir / f"checkpoint-stop-{step}"
+                engine.save_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True,
+                                       client_state={"epoch": epoch, "micro_batches_done": n + 1, "history": history})
+                torch.save({"rng": torch.get_rng_state(), "loss_sum": loss_sum}, checkpoint / f"rank-{rank}.pt")
+                log(f"stop requested: saved a checkpoint at step {step}/{total_steps}; resume with "
+                    "`shardtune run RECIPE --resume`")
+                reporter.report({"stopped": True, "step": step, "total_steps": total_steps}, str(checkpoint))
+                log.close()
+                return
 
         # End of epoch: evaluate and checkpoint everything (adapter, optimizer, schedule).
         dist.all_reduce(loss_sum)
@@ -340,6 +369,13 @@ class RunLog:
             self.file.close()
 
 
+def _stop_agreed(reporter, device: torch.device) -> bool:
+    """Every rank stops at the same step if any rank saw the request."""
+    flag = torch.tensor([1.0 if reporter.stop_requested() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -359,7 +395,19 @@ class LocalReporter:
     """
 
     def __init__(self, output_dir: Path):
+        import signal
+
         self.output_dir = output_dir
+        self._signalled = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):  # torchrun forwards SIGTERM to its workers
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = True
+
+    def stop_requested(self) -> bool:
+        return self._signalled or (self.output_dir / STOP_FILE).exists()
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir:
@@ -394,7 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output = Path(recipe.output.dir)
     output.mkdir(parents=True, exist_ok=True)
-    train_worker(recipe.model_dump(mode="json"), LocalReporter(output))
+    (output / STOP_FILE).unlink(missing_ok=True)  # a request from an earlier attempt is spent
+    reporter = LocalReporter(output)
+    train_worker(recipe.model_dump(mode="json"), reporter)
+    if not (output / "history.json").exists():  # stopped: the checkpoint is in OUTPUT/checkpoint
+        if dist.get_rank() == 0:
+            print(f"stopped; run the same command again to resume from {output / 'checkpoint'}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 3
     if dist.get_rank() == 0:
         (output / "recipe.yaml").write_text(recipe.to_yaml())
         write_metrics(output, recipe, time.perf_counter() - started)

@@ -38,3 +38,9 @@ class RunError(ShardtuneError):
     """A run could not start or finish (output directory, cluster, workers)."""
 
     exit_code = 1
+
+
+class RunStopped(RunError):
+    """The run was asked to stop (SIGTERM, Slurm's time-limit warning) and saved a checkpoint."""
+
+    exit_code = 3

@@ -9,16 +9,19 @@ earlier run: with `if_exists: overwrite` the old one is replaced only at the end
 from __future__ import annotations
 
 import logging
-import sys
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardtune.engine import train_worker
+from shardtune.engine import STOP_FILE, train_worker
 from shardtune.export import write_metrics
-from shardtune.errors import RunError, ShardtuneError
+from shardtune.errors import RunError, RunStopped, ShardtuneError
 from shardtune.recipe import Recipe
 
 # Environment every worker needs: no hub access attempts when offline, quiet tokenizers.
@@ -33,20 +36,33 @@ class RunResult:
     seconds: float
 
 
-def run(recipe: Recipe, *, address: str | None = None) -> RunResult:
-    """Train a recipe on Ray; returns when the run's output directory is complete."""
+def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> RunResult:
+    """Train a recipe on Ray; returns when the run's output directory is complete.
+
+    SIGTERM or SIGUSR1 (what Slurm sends at the time limit, or before it with --signal)
+    asks the workers to checkpoint at the next step; the run then raises RunStopped and
+    keeps `<dir>.partial`, which `resume=True` continues from.
+    """
     started = time.perf_counter()
     preflight(recipe)
     final_dir = Path(recipe.output.dir).resolve()
-    staging = _claim_output(final_dir, recipe.output.if_exists)
+    staging, resuming = _claim_output(final_dir, recipe.output.if_exists, resume)
+    if resuming:
+        print(f"resuming the stopped run in {staging}", file=sys.stderr)
+    stopped = False
     try:
+        (staging / STOP_FILE).unlink(missing_ok=True)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         metrics = _fit(recipe, staging, address or recipe.cluster.address)
+        if metrics.get("stopped"):
+            stopped = True
+            raise RunStopped(f"stopped at step {metrics['step']} of {metrics['total_steps']} on request; the "
+                             f"checkpoint is in {staging}; run the same command with --resume to continue")
         _finish(staging, final_dir, recipe, metrics, started)
     except BaseException:
-        # Keep nothing half-written under the run's name; the staging folder is only
-        # kept when the user asked to keep checkpoints (for a manual resume).
-        if not recipe.output.keep_checkpoints:
+        # Keep nothing half-written under the run's name; the staging folder is kept for a
+        # stopped run (to resume) or when the user asked to keep checkpoints.
+        if not (stopped or recipe.output.keep_checkpoints):
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return RunResult(final_dir, metrics, time.perf_counter() - started)
@@ -71,15 +87,38 @@ def preflight(recipe: Recipe) -> None:
     check_prequantized(recipe)
 
 
-def _claim_output(final_dir: Path, if_exists: str) -> Path:
+def _claim_output(final_dir: Path, if_exists: str, resume: bool) -> tuple[Path, bool]:
+    """The staging folder, and whether it holds a stopped run to resume."""
     if final_dir.exists() and any(final_dir.iterdir()) and if_exists == "error":
         raise RunError(f"output directory '{final_dir}' already exists and is not empty; "
                        "choose another output.dir or set output.if_exists=overwrite")
     staging = final_dir.with_name(final_dir.name + ".partial")
+    if resume and (staging / "ray").is_dir():
+        return staging, True
     if staging.exists():
         shutil.rmtree(staging)  # left by a crashed earlier attempt of this run
     staging.mkdir(parents=True)
-    return staging
+    return staging, False
+
+
+@contextmanager
+def _stop_on_signals(stop_file: Path):
+    """While training, SIGTERM/SIGUSR1 create the stop file the workers poll each step
+    (it lives in the run's storage, which every node sees)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        stop_file.touch()
+        print(f"{signal.Signals(signum).name}: asking the workers to checkpoint and stop", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
@@ -100,7 +139,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
             env["DS_ACCELERATOR"] = "cpu"
         trainer = TorchTrainer(
             train_loop_per_worker=_ray_worker,
-            train_loop_config={"recipe": recipe.model_dump(mode="json")},
+            train_loop_config={"recipe": recipe.model_dump(mode="json"), "stop_file": str(staging / STOP_FILE)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
@@ -111,9 +150,13 @@ def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
                 worker_runtime_env={"env_vars": env}),
         )
         try:
-            result = trainer.fit()
+            # After ray.init, which installs its own SIGTERM handler for drivers.
+            with _stop_on_signals(staging / STOP_FILE):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise _explain_failure(exc) from None
+        if result.metrics and result.metrics.get("stopped"):
+            return result.metrics
         if result.checkpoint is None or not result.metrics.get("final"):
             raise RunError("the workers finished without reporting the final checkpoint; see the log above")
         with result.checkpoint.as_directory() as checkpoint:
@@ -188,6 +231,12 @@ def _finish(staging: Path, final_dir: Path, recipe: Recipe, final: dict, started
 
 
 class _RayReporter:
+    def __init__(self, stop_file: str):
+        self.stop_file = Path(stop_file)
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
 
@@ -202,4 +251,4 @@ class _RayReporter:
 
 
 def _ray_worker(config: dict) -> None:
-    train_worker(config["recipe"], _RayReporter())
+    train_worker(config["recipe"], _RayReporter(config["stop_file"]))
