@@ -1,4 +1,4 @@
-"""The `shardtune` command: validate, run, eval, predict, generate, merge."""
+"""The `shardtune` command: validate, run, eval, predict, generate, merge, submit, jobs."""
 
 from __future__ import annotations
 
@@ -139,6 +139,85 @@ def merge(run_dir: Path = typer.Argument(..., help="a finished run's output dire
         _fail(exc)
     err.print(f"wrote the merged model to {written} (load it with from_pretrained; pass a "
               "BitsAndBytesConfig to quantise it again)")
+
+
+AddressOpt = typer.Option(..., "--address", envvar="RAY_JOBS_ADDRESS",
+                          help="the cluster's Ray Jobs API, e.g. http://head:8265 (or an SSH tunnel's local end)")
+
+
+@app.command()
+def submit(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg, address: str = AddressOpt,
+           follow: bool = typer.Option(False, "--follow", help="stream the logs; exit with the job's status")) -> None:
+    """Submit a recipe to a Ray cluster as a job (packs the recipe and its local files)."""
+    from shardtune import jobs
+
+    try:
+        job_id = jobs.submit(recipe, overrides or [], address)
+        print(job_id, flush=True)
+        if follow:
+            final = jobs.follow(address, job_id)
+            err.print(f"job {job_id}: {final}")
+            raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+    except ShardtuneError as exc:
+        _fail(exc)
+
+
+jobs_app = typer.Typer(help="shardtune's jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: str = AddressOpt) -> None:
+    """The shardtune jobs on the cluster, oldest first."""
+    from shardtune import jobs
+
+    try:
+        rows = jobs.listing(address)
+    except ShardtuneError as exc:
+        _fail(exc)
+    table = Table("job id", "status", "recipe", "output")
+    for row in rows:
+        table.add_row(row["id"], row["status"], row["recipe"], row["output_dir"])
+    out.print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: str = AddressOpt) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from shardtune import jobs
+
+    try:
+        print(jobs.status(address, job_id))
+    except ShardtuneError as exc:
+        _fail(exc)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: str = AddressOpt,
+              follow: bool = typer.Option(False, "--follow", help="stream until the job ends")) -> None:
+    """Print a job's logs."""
+    from shardtune import jobs
+
+    try:
+        if follow:
+            jobs.follow(address, job_id)
+        else:
+            print(jobs.logs(address, job_id), end="")
+    except ShardtuneError as exc:
+        _fail(exc)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: str = AddressOpt) -> None:
+    """Stop a job. Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (set on the
+    cluster); given the time, the run checkpoints at its next step and can be resumed."""
+    from shardtune import jobs
+
+    try:
+        stopped = jobs.stop(address, job_id)
+    except ShardtuneError as exc:
+        _fail(exc)
+    err.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 # ---------------------------------------------------------------------------- helpers

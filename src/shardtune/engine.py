@@ -52,6 +52,10 @@ class Reporter(Protocol):
         """True once the launcher was asked to stop (SIGTERM, Slurm's warning signal)."""
         ...
 
+    def node(self) -> str:
+        """The node this worker runs on (for the run summary)."""
+        ...
+
 
 # ----------------------------------------------------------------------------- data
 @dataclass
@@ -312,8 +316,9 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     out = work_dir / EXPORT_DIR
     export.save_trained(engine.module, out, is_peft=is_peft(recipe), zero_stage=sh.zero_stage, is_main=is_main)
     peak = _peak_memory_mb(device)
-    peaks = [None] * world
+    peaks, nodes = [None] * world, [None] * world
     dist.all_gather_object(peaks, peak)
+    dist.all_gather_object(nodes, reporter.node())
     steady = step_times[3:] or step_times
     summary = {
         "trainable_parameters": trainable, "total_parameters": total,
@@ -322,7 +327,7 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         "worker_seconds": round(time.perf_counter() - started, 2),
         "time_to_first_step_s": round(time_to_first_step or 0.0, 2),
         "steady_step_s": round(statistics.median(steady), 4) if steady else None,
-        "peak_memory_mb_per_worker": peaks,
+        "peak_memory_mb_per_worker": peaks, "worker_nodes": nodes,
     }
     if is_main:
         tokenizer.save_pretrained(out / "tokenizer")
@@ -408,6 +413,11 @@ class LocalReporter:
 
     def stop_requested(self) -> bool:
         return self._signalled or (self.output_dir / STOP_FILE).exists()
+
+    def node(self) -> str:
+        import socket
+
+        return socket.gethostname()
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir:

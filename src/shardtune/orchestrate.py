@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -51,9 +52,11 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
         print(f"resuming the stopped run in {staging}", file=sys.stderr)
     stopped = False
     try:
+        recipe = _stage_job_inputs(recipe, staging)
         (staging / STOP_FILE).unlink(missing_ok=True)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
-        metrics = _fit(recipe, staging, address or recipe.cluster.address)
+        # RAY_ADDRESS: set by `ray job submit` for the job's driver (and by users who export it).
+        metrics = _fit(recipe, staging, address or recipe.cluster.address or os.environ.get("RAY_ADDRESS"))
         if metrics.get("stopped"):
             stopped = True
             raise RunStopped(f"stopped at step {metrics['step']} of {metrics['total_steps']} on request; the "
@@ -101,6 +104,30 @@ def _claim_output(final_dir: Path, if_exists: str, resume: bool) -> tuple[Path, 
     return staging, False
 
 
+def _stage_job_inputs(recipe: Recipe, staging: Path) -> Recipe:
+    """In a Ray job with a working_dir, copy the files the recipe takes from it (what
+    `shardtune submit` packs) into the run's storage, which every node sees: the
+    working_dir is unpacked at a different path on each node."""
+    from shardtune.recipe import ray_job_working_dir
+
+    if not ray_job_working_dir():
+        return recipe
+    job_dir, inputs = Path.cwd().resolve(), staging / "inputs"
+    recipe = recipe.model_copy(deep=True)
+    holders = [(recipe.model, "path"), (recipe.data.train, "path")]
+    if recipe.data.validation is not None:
+        holders.append((recipe.data.validation, "path"))
+    for holder, field in holders:
+        path = Path(getattr(holder, field))
+        if path.is_absolute() and path.exists() and path.is_relative_to(job_dir):
+            target = inputs / path.relative_to(job_dir)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
+            setattr(holder, field, str(target))
+    return recipe
+
+
 @contextmanager
 def _stop_on_signals(stop_file: Path):
     """While training, SIGTERM/SIGUSR1 create the stop file the workers poll each step
@@ -129,6 +156,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
     started_here = _connect(recipe, address)
     try:
         cl = recipe.cluster
+        check_storage_is_shared(recipe, staging, _alive_nodes())
         use_gpu = cl.gpus_per_worker > 0
         resources = {"CPU": cl.cpus_per_worker}
         if use_gpu:
@@ -141,8 +169,8 @@ def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
             train_loop_per_worker=_ray_worker,
             train_loop_config={"recipe": recipe.model_dump(mode="json"), "stop_file": str(staging / STOP_FILE)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                         placement_strategy=cl.placement.upper()),
             run_config=RunConfig(
                 name="ray", storage_path=str(staging),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -201,6 +229,50 @@ def _connect(recipe: Recipe, address: str | None) -> bool:
     return True
 
 
+# File systems that live on one node. A multi-node run on one of these would write each
+# worker's checkpoint shards to a different disk.
+LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "ramfs", "overlay", "vfat",
+                     "exfat", "ntfs", "ntfs3", "devtmpfs"}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding `path`, from /proc/mounts (longest mount prefix)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3:
+            point = fields[1].replace("\\040", " ")
+            if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def check_storage_is_shared(recipe: Recipe, staging: Path, nodes: list[str]) -> None:
+    """Every worker writes its checkpoint shards to the run's storage; on several nodes
+    that must be one shared file system."""
+    if len(nodes) <= 1 or recipe.cluster.shared_storage:
+        return
+    kind = filesystem_type(staging)
+    if kind in LOCAL_FILESYSTEMS:
+        raise RunError(f"the cluster has {len(nodes)} nodes ({', '.join(nodes)}) but output.dir "
+                       f"{recipe.output.dir} is on a node-local file system ({kind}); every worker writes "
+                       "checkpoints there, so use a path on storage all nodes share (NFS, Lustre, GPFS, ...), "
+                       "or set cluster.shared_storage: true if this path is shared (e.g. every node on one machine)")
+
+
+def _alive_nodes() -> list[str]:
+    import ray
+
+    return sorted(n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive"))
+
+
 def _explain_failure(exc: Exception) -> ShardtuneError:
     """Surface a user error raised inside a worker as itself; anything else as a RunError."""
     failures = getattr(exc, "worker_failures", {}) or {}
@@ -212,6 +284,11 @@ def _explain_failure(exc: Exception) -> ShardtuneError:
             cause = getattr(cause, "cause", None) or cause.__cause__
     first = next(iter(sorted(failures.items())), None)
     detail = f"worker {first[0]} failed: {first[1]}" if first else str(exc)
+    lost = re.search(r"node_ip='([^']+)'", detail)
+    if lost and ("died" in detail or "health check" in detail or "unexpectedly" in detail):
+        return RunError(f"training failed: the node {lost.group(1)} running worker {first[0]} was lost (its "
+                        "process or machine died); set cluster.max_failures to resume from the last checkpoint on "
+                        f"the remaining nodes. Ray's report: {detail[:600]}")
     return RunError(f"training failed; {detail}")
 
 
@@ -236,6 +313,11 @@ class _RayReporter:
 
     def stop_requested(self) -> bool:
         return self.stop_file.exists()
+
+    def node(self) -> str:
+        import ray.util
+
+        return ray.util.get_node_ip_address()
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train

@@ -308,6 +308,12 @@ class ClusterSection(Section):
     address: str | None = Field(None, description="Ray cluster to attach to (ray://host:port or auto); "
                                                   "default: start an embedded one")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = Field(
+        "pack", description="how workers are placed on nodes: pack fills a node first; spread puts them on "
+                            "different nodes where it can (strict_*: must)")
+    shared_storage: bool = Field(
+        False, description="declare output.dir shared by every node although it is on a local file system type "
+                           "(e.g. all nodes on one machine); multi-node runs otherwise refuse node-local paths")
 
 
 class OutputSection(Section):
@@ -415,6 +421,19 @@ def absolute_paths(recipe: Recipe) -> Recipe:
         recipe.data.validation.path = pin(recipe.data.validation.path)
     recipe.output.dir = str(Path(recipe.output.dir).expanduser().resolve())
     return recipe
+
+
+def ray_job_working_dir() -> bool:
+    """True in the driver of a Ray job submitted with a working_dir (`ray job submit
+    --working-dir`, `shardtune submit`)."""
+    import json
+    import os
+
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except ValueError:
+        return False
+    return bool((config.get("runtime_env") or {}).get("working_dir"))
 
 
 def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
