@@ -1,4 +1,4 @@
-"""The `shardtune` command: validate, run, eval, predict, generate, merge, submit, jobs."""
+"""The `shardtune` command: validate, run, eval, predict, generate, merge, submit, jobs, slurm."""
 
 from __future__ import annotations
 
@@ -158,6 +158,32 @@ def submit(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesA
             final = jobs.follow(address, job_id)
             err.print(f"job {job_id}: {final}")
             raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+    except ShardtuneError as exc:
+        _fail(exc)
+
+
+@app.command()
+def slurm(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
+          out_file: Optional[Path] = typer.Option(None, "--out", help="write the script here (default: stdout)"),
+          do_submit: bool = typer.Option(False, "--submit", help="sbatch it and print the job id")) -> None:
+    """Render an sbatch script for the recipe (from its slurm: section); --submit submits it."""
+    import tempfile
+
+    from shardtune import slurm as slurm_script
+    from shardtune.recipe import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, overrides or [])
+        text = slurm_script.render(resolved, str(recipe), overrides or [])
+        if out_file is None and not do_submit:
+            print(text, end="")
+            return
+        target = out_file or Path(tempfile.mkdtemp(prefix="shardtune-slurm-")) / f"{recipe.stem}.sbatch"
+        target.write_text(text)
+        if do_submit:
+            print(slurm_script.submit(target))
+        else:
+            err.print(f"wrote {target}")
     except ShardtuneError as exc:
         _fail(exc)
 

@@ -316,6 +316,24 @@ class ClusterSection(Section):
                            "(e.g. all nodes on one machine); multi-node runs otherwise refuse node-local paths")
 
 
+class SlurmSection(Section):
+    """What `shardtune slurm RECIPE` puts in the sbatch script's #SBATCH lines."""
+    nodes: int = Field(1, ge=1, description="nodes to allocate (one Ray node each)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (#SBATCH --gpus-per-node)")
+    cpus_per_node: int = Field(4, ge=1, description="CPUs per node (#SBATCH --cpus-per-task)")
+    memory: str | None = Field(None, description="memory per node, e.g. 64G (#SBATCH --mem)")
+    time: str = Field("01:00:00", description="time limit, [D-]HH:MM:SS (#SBATCH --time)")
+    partition: str | None = Field(None, description="#SBATCH --partition")
+    account: str | None = Field(None, description="#SBATCH --account")
+    job_name: str | None = Field(None, description="default: the recipe's file name")
+    signal_seconds: int = Field(300, ge=10, description="send USR1 this long before the time limit: the run "
+                                                        "checkpoints and a re-submitted job resumes")
+    output: str = Field("shardtune-%j.out", description="#SBATCH --output")
+    sbatch_options: list[str] = Field(default_factory=list, description="more #SBATCH options, e.g. --qos=high")
+    setup: list[str] = Field(default_factory=list, description="shell lines run first on the batch node, e.g. "
+                                                               "module load, source .venv/bin/activate")
+
+
 class OutputSection(Section):
     dir: str = Field(description="run output directory")
     if_exists: Literal["error", "overwrite"] = Field(
@@ -333,6 +351,7 @@ class Recipe(Section):
     sharding: ShardingSection = Field(default_factory=ShardingSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     output: OutputSection
+    slurm: SlurmSection | None = Field(None, description="resources for `shardtune slurm` (sbatch)")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
