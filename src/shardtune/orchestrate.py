@@ -51,12 +51,13 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
     if resuming:
         print(f"resuming the stopped run in {staging}", file=sys.stderr)
     stopped = False
+    signalled: list[int] = []  # filled by _stop_on_signals
     try:
         recipe = _stage_job_inputs(recipe, staging)
         (staging / STOP_FILE).unlink(missing_ok=True)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         # RAY_ADDRESS: set by `ray job submit` for the job's driver (and by users who export it).
-        metrics = _fit(recipe, staging, address or recipe.cluster.address or os.environ.get("RAY_ADDRESS"))
+        metrics = _fit(recipe, staging, address or recipe.cluster.address or os.environ.get("RAY_ADDRESS"), signalled)
         if metrics.get("stopped"):
             stopped = True
             raise RunStopped(f"stopped at step {metrics['step']} of {metrics['total_steps']} on request; the "
@@ -65,8 +66,14 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
     except BaseException:
         # Keep nothing half-written under the run's name; the staging folder is kept for a
         # stopped run (to resume) or when the user asked to keep checkpoints.
-        if not (stopped or recipe.output.keep_checkpoints):
+        if not (stopped or signalled or recipe.output.keep_checkpoints):
             shutil.rmtree(staging, ignore_errors=True)
+        if signalled and not stopped and (staging / "ray").is_dir():
+            # Signalled, and the cluster went down before the stop checkpoint (a plain scancel
+            # stops every step at once): the last epoch checkpoint is still resumable.
+            raise RunStopped(f"interrupted by signal {signalled[0]} before the workers could checkpoint; the last "
+                             f"checkpoint is in {staging}; run the same command with --resume to continue "
+                             "from it") from None
         raise
     return RunResult(final_dir, metrics, time.perf_counter() - started)
 
@@ -129,7 +136,7 @@ def _stage_job_inputs(recipe: Recipe, staging: Path) -> Recipe:
 
 
 @contextmanager
-def _stop_on_signals(stop_file: Path):
+def _stop_on_signals(stop_file: Path, signalled: list[int]):
     """While training, SIGTERM/SIGUSR1 create the stop file the workers poll each step
     (it lives in the run's storage, which every node sees)."""
     if threading.current_thread() is not threading.main_thread():
@@ -137,6 +144,7 @@ def _stop_on_signals(stop_file: Path):
         return
 
     def request_stop(signum, frame):
+        signalled.append(signum)
         stop_file.touch()
         print(f"{signal.Signals(signum).name}: asking the workers to checkpoint and stop", file=sys.stderr)
 
@@ -148,7 +156,7 @@ def _stop_on_signals(stop_file: Path):
             signal.signal(sig, handler)
 
 
-def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
+def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int]) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -179,7 +187,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None) -> dict:
         )
         try:
             # After ray.init, which installs its own SIGTERM handler for drivers.
-            with _stop_on_signals(staging / STOP_FILE):
+            with _stop_on_signals(staging / STOP_FILE, signalled):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise _explain_failure(exc) from None

@@ -43,13 +43,12 @@ gpus=${SHARDTUNE_GPUS_PER_NODE:-0}
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python -c 'import secrets; print(secrets.token_hex(32))')}
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0   # ray start --block exits at once on SIGTERM
-ray_common=(--block --num-cpus "$cpus" --num-gpus "$gpus" --include-dashboard false
-            --min-worker-port 0 --max-worker-port 0)
+ray_common=(--block --num-cpus "$cpus" --num-gpus "$gpus" --min-worker-port 0 --max-worker-port 0)
 
 # ---- Ray: the head on the first node, one Ray node on each of the others (job steps).
 ray_steps=()
 srun --overlap -N1 -n1 -w "$head_node" ray start --head --port "$port" --node-ip-address "$head_ip" \
-    --temp-dir "$ray_tmp/$head_node" "${ray_common[@]}" &
+    --include-dashboard false --temp-dir "$ray_tmp/$head_node" "${ray_common[@]}" &
 head_step=$!
 for node in "${nodes[@]:1}"; do
     until ray status --address "$head_ip:$port" > /dev/null 2>&1; do sleep 2; done
@@ -60,7 +59,15 @@ done
 deadline=$((SECONDS + ${SHARDTUNE_RAY_STARTUP_S:-300}))
 until [[ $(ray status --address "$head_ip:$port" 2>/dev/null | sed -n '/Active:/,/Pending:/p' | grep -c ' node_') \
         -ge ${#nodes[@]} ]]; do
-    if (( SECONDS > deadline )); then echo "shardtune: Ray did not come up on ${#nodes[@]} nodes" >&2; break; fi
+    for step in $head_step "${ray_steps[@]}"; do
+        kill -0 "$step" 2>/dev/null || { echo "shardtune: a Ray node failed to start (see above)" >&2; deadline=0; }
+    done
+    if (( SECONDS > deadline )); then
+        echo "shardtune: Ray did not come up on ${#nodes[@]} nodes" >&2
+        for step in "${ray_steps[@]}" $head_step; do kill -TERM "$step" 2>/dev/null; done
+        wait
+        exit 1
+    fi
     sleep 2
 done
 
