@@ -182,7 +182,10 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
             run_config=RunConfig(
                 name="ray", storage_path=str(staging),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=cl.max_failures),
+                # Ray retries a worker group that cannot be placed forever by default; an
+                # embedded cluster never grows, and an attached one gets ~10 minutes to scale.
+                failure_config=FailureConfig(max_failures=cl.max_failures,
+                                             controller_failure_limit=10 if address else 1),
                 worker_runtime_env={"env_vars": env}),
         )
         try:
@@ -275,6 +278,23 @@ def check_storage_is_shared(recipe: Recipe, staging: Path, nodes: list[str]) -> 
                        "or set cluster.shared_storage: true if this path is shared (e.g. every node on one machine)")
 
 
+def _node_alive(node_id: str, wait_s: float = 30.0) -> bool:
+    """Whether a worker's node is still up. Ray notices a dead worker within seconds but
+    declares its node dead only after ~10-20 s of missed heartbeats, so a node that is
+    gone is given that long to show it."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            alive = any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
+        except Exception:  # no cluster to ask: assume the node, not the worker, is fine
+            return True
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(2)
+
+
 def _alive_nodes() -> list[str]:
     import ray
 
@@ -283,6 +303,10 @@ def _alive_nodes() -> list[str]:
 
 def _explain_failure(exc: Exception) -> ShardtuneError:
     """Surface a user error raised inside a worker as itself; anything else as a RunError."""
+    if "worker group startup timed out" in str(exc):
+        return RunError("the cluster cannot place the workers: it lacks the CPUs/GPUs that cluster.workers x "
+                        "cluster.cpus_per_worker / gpus_per_worker ask for (or they are held by another run); "
+                        f"lower them or add nodes. Ray: {str(exc).splitlines()[-1][:300]}")
     failures = getattr(exc, "worker_failures", {}) or {}
     for rank, failure in sorted(failures.items()):
         cause = failure
@@ -293,7 +317,8 @@ def _explain_failure(exc: Exception) -> ShardtuneError:
     first = next(iter(sorted(failures.items())), None)
     detail = f"worker {first[0]} failed: {first[1]}" if first else str(exc)
     lost = re.search(r"node_ip='([^']+)'", detail)
-    if lost and ("died" in detail or "health check" in detail or "unexpectedly" in detail):
+    node_id = re.search(r"node_id='([0-9a-f]+)'", detail)
+    if lost and node_id and not _node_alive(node_id.group(1)):
         return RunError(f"training failed: the node {lost.group(1)} running worker {first[0]} was lost (its "
                         "process or machine died); set cluster.max_failures to resume from the last checkpoint on "
                         f"the remaining nodes. Ray's report: {detail[:600]}")
