@@ -41,8 +41,8 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _node_args(ip: str, temp: Path) -> list[str]:
-    return ["--node-ip-address", ip, "--num-cpus", "1", "--memory", str(3 * 2**30),
+def _node_args(ip: str, temp: Path, cpus: int = 1) -> list[str]:
+    return ["--node-ip-address", ip, "--num-cpus", str(cpus), "--memory", str(3 * 2**30),
             "--object-store-memory", str(128 * 2**20), "--temp-dir", str(temp),
             "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
             "--min-worker-port", "0", "--max-worker-port", "0"]
@@ -172,3 +172,51 @@ def test_a_lost_node_ends_the_run_with_an_error_naming_it(cluster, tiny_recipe, 
             follow.stdout[-3000:]
     finally:
         _stop(third)
+
+
+def test_with_retries_a_lost_node_is_replaced_and_the_run_resumes(tiny_recipe, tmp_path):
+    """Its own cluster: a head without CPUs (driver only) and two 1-CPU nodes, so the two
+    workers land one on each; one node is killed and a replacement joins; with
+    cluster.max_failures the run resumes from its last checkpoint on the new node."""
+    root = Path(tempfile.mkdtemp(prefix="st-ray-"))
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_AUTH_MODE": "token",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    port, dashboard = free_port(), free_port()
+    nodes = [_start_node(["--head", "--port", str(port), "--include-dashboard", "true", "--dashboard-host",
+                          "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()),
+                          "--dashboard-agent-listen-port", str(free_port()),
+                          *_node_args("127.0.0.5", root / "head", cpus=0)], env, root / "head.log")]
+    address, jobs = f"127.0.0.5:{port}", f"http://127.0.0.1:{dashboard}"
+
+    def join(ip, name):
+        nodes.append(_start_node(["--address", address, "--dashboard-agent-listen-port", str(free_port()),
+                                  *_node_args(ip, root / name)], env, root / f"{name}.log"))
+        return nodes[-1]
+
+    try:
+        _wait_for_nodes(address, env, 1)
+        join("127.0.0.6", "a")
+        doomed = join("127.0.0.7", "b")
+        _wait_for_nodes(address, env, 3)
+        raw = _recipe(tiny_recipe, tmp_path, shared_storage=True, max_failures=1)
+        raw["train"]["epochs"] = 40
+        recipe = write_recipe(tmp_path / "r.yaml", raw)
+        job_id = _shardtune(["submit", str(recipe), "--address", jobs], env).stdout.strip()
+        deadline = time.time() + 300
+        # after the first epoch checkpoint, so that there is something to resume from
+        while "epoch 2/40" not in _shardtune(["jobs", "logs", job_id, "--address", jobs], env).stdout:
+            assert time.time() < deadline, "the job never reached its second epoch"
+            time.sleep(3)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        join("127.0.0.8", "c")  # the replacement
+        follow = _shardtune(["jobs", "logs", job_id, "--follow", "--address", jobs], env, timeout=900)
+        status = _shardtune(["jobs", "status", job_id, "--address", jobs], env).stdout.strip()
+        assert status == "SUCCEEDED", follow.stdout[-3000:]
+        log = (tmp_path / "run" / "logs" / "train.log").read_text()
+        assert "resumed from the checkpoint after epoch" in log
+        summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["summary"]
+        assert sorted(summary["worker_nodes"]) == ["127.0.0.6", "127.0.0.8"]
+    finally:
+        for proc in reversed(nodes):
+            _stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
