@@ -156,7 +156,7 @@ def _stop_on_signals(stop_file: Path, signalled: list[int]):
             signal.signal(sig, handler)
 
 
-def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int]) -> dict:
+def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int] | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -190,7 +190,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
         )
         try:
             # After ray.init, which installs its own SIGTERM handler for drivers.
-            with _stop_on_signals(staging / STOP_FILE, signalled):
+            with _stop_on_signals(staging / STOP_FILE, signalled if signalled is not None else []):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise _explain_failure(exc) from None
