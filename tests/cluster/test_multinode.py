@@ -133,6 +133,25 @@ def test_shardtune_submit_follow_and_jobs(cluster, tiny_recipe, tmp_path):
     assert unknown.returncode != 0 and "no job 'no-such-job'" in unknown.stderr
 
 
+def test_jobs_stop_stops_a_running_job(cluster, tiny_recipe, tmp_path):
+    raw = _recipe(tiny_recipe, tmp_path, shared_storage=True)
+    raw["train"]["epochs"] = 200
+    job_id = _shardtune(["submit", str(write_recipe(tmp_path / "r.yaml", raw)), "--address", cluster["jobs"]],
+                        cluster["env"]).stdout.strip()
+    deadline = time.time() + 300
+    while "step " not in _shardtune(["jobs", "logs", job_id, "--address", cluster["jobs"]], cluster["env"]).stdout:
+        assert time.time() < deadline, "the job never started training"
+        time.sleep(3)
+    stop = _shardtune(["jobs", "stop", job_id, "--address", cluster["jobs"]], cluster["env"])
+    assert stop.returncode == 0 and "stop requested" in stop.stderr
+    deadline = time.time() + 120
+    while (status := _shardtune(["jobs", "status", job_id, "--address", cluster["jobs"]],
+                                cluster["env"]).stdout.strip()) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline, status
+        time.sleep(2)
+    assert status == "STOPPED" and not (tmp_path / "run").exists()
+
+
 def test_node_local_storage_is_refused_on_a_multi_node_cluster(cluster, tiny_recipe, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", _recipe(tiny_recipe, tmp_path))
     proc = _shardtune(["submit", str(recipe), "--address", cluster["jobs"], "--follow"], cluster["env"])
