@@ -115,8 +115,6 @@ def _stage_job_inputs(recipe: Recipe, staging: Path) -> Recipe:
     """In a Ray job with a working_dir, copy the files the recipe takes from it (what
     `shardtune submit` packs) into the run's storage, which every node sees: the
     working_dir is unpacked at a different path on each node."""
-    from shardtune.recipe import ray_job_working_dir
-
     if not ray_job_working_dir():
         return recipe
     job_dir, inputs = Path.cwd().resolve(), staging / "inputs"
@@ -133,6 +131,18 @@ def _stage_job_inputs(recipe: Recipe, staging: Path) -> Recipe:
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
             setattr(holder, field, str(target))
     return recipe
+
+
+def ray_job_working_dir() -> bool:
+    """True in the driver of a Ray job submitted with a working_dir (`ray job submit
+    --working-dir`, `shardtune submit`)."""
+    import json
+
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except ValueError:
+        return False
+    return bool((config.get("runtime_env") or {}).get("working_dir"))
 
 
 @contextmanager

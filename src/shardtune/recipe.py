@@ -442,19 +442,6 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def ray_job_working_dir() -> bool:
-    """True in the driver of a Ray job submitted with a working_dir (`ray job submit
-    --working-dir`, `shardtune submit`)."""
-    import json
-    import os
-
-    try:
-        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-    except ValueError:
-        return False
-    return bool((config.get("runtime_env") or {}).get("working_dir"))
-
-
 def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     """Cross-field rules, each with the fix. Empty list: the recipe can run."""
     problems: list[str] = []
