@@ -71,3 +71,13 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_chat(tmp_path_factory) -> Path:
     return tiny_models.build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-chat", chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_masked_lm(tmp_path_factory) -> Path:
+    return tiny_models.build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert-mlm", masked_lm=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return tiny_models.build_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5")

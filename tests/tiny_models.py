@@ -70,10 +70,11 @@ def build_tokenizer(directory: Path, decoder: bool = False, chat_template: bool 
     return fast
 
 
-def build_tiny_bert(directory: Path) -> Path:
-    """A 2-layer, 64-wide BERT with a pooler, saved like a pretrained checkpoint."""
+def build_tiny_bert(directory: Path, masked_lm: bool = False) -> Path:
+    """A 2-layer, 64-wide BERT with a pooler, saved like a pretrained checkpoint; masked_lm:
+    with its masked-LM head instead (what prompting reads)."""
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertForMaskedLM, BertModel
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory)
@@ -81,7 +82,7 @@ def build_tiny_bert(directory: Path) -> Path:
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
                         pad_token_id=tokenizer.pad_token_id)
-    BertModel(config).save_pretrained(directory)
+    (BertForMaskedLM if masked_lm else BertModel)(config).save_pretrained(directory)
     return directory
 
 
@@ -161,3 +162,19 @@ def instruction_rows(n: int, seed: int) -> list[dict]:
     """'say good or bad' about a sentence of polar words -> "good" or "bad"."""
     return [{"instruction": "say good or bad", "input": r["text"], "output": "good" if r["label"] == "pos" else "bad"}
             for r in sentiment_rows(n, seed)]
+
+
+def build_tiny_t5(directory: Path) -> Path:
+    """A 2-layer, 64-wide T5 (encoder-decoder) with the WordPiece tokenizer: the slot is the
+    encoder's [MASK] and the decoder's first position."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory, decoder=True)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    return directory

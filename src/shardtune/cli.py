@@ -34,6 +34,11 @@ def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = Override
 
     try:
         resolved = load_recipe(recipe, overrides or [])
+        if resolved.task.type == "prompt_classification":  # label words need the tokenizer
+            from shardtune.backbone import load_tokenizer
+            from shardtune.tasks import get_task
+
+            get_task(resolved).check(load_tokenizer(resolved))
     except ShardtuneError as exc:
         _fail(exc)
     sys.stdout.write(resolved.to_yaml())
@@ -60,25 +65,33 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
     _print_summary(result)
 
 
+RunOrRecipeArg = typer.Argument(..., help="a finished run's output directory, or (zero-shot) a "
+                                           "prompt_classification recipe")
+
+
 @app.command("eval")
-def evaluate(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
-             data: Path = typer.Option(..., help="file in the same format and columns as the run's training data"),
+def evaluate(run_dir: Path = RunOrRecipeArg,
+             data: Optional[Path] = typer.Option(None, help="file in the same format and columns as the training "
+                                                           "data; default for a recipe: its validation split"),
              format: Optional[str] = typer.Option(None, help="override the data format (jsonl, json, csv, tsv, textdir)"),
+             overrides: Optional[list[str]] = typer.Option(None, "--set", help="recipe override KEY=VALUE (zero-shot)"),
              batch_size: int = typer.Option(32, min=1)) -> None:
-    """Score a trained run on another file; print the metrics as JSON."""
+    """Score a trained run, or a prompt recipe zero-shot, on a file; print the metrics as JSON."""
     try:
-        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=True)
+        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=True,
+                                                 overrides=overrides or [])
     except ShardtuneError as exc:
         _fail(exc)
     metrics = loaded.task.metrics(outputs, examples)
-    print(json.dumps({"data": str(data), "examples": len(examples), **metrics}, indent=2))
+    print(json.dumps({"data": str(data or "validation split"), "examples": len(examples), **metrics}, indent=2))
 
 
 @app.command()
-def predict(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
+def predict(run_dir: Path = RunOrRecipeArg,
             data: Path = typer.Option(..., help="file of inputs in the run's data format (labels optional)"),
             out_file: Path = typer.Option(..., "--out", help="where to write one JSON prediction per line"),
             format: Optional[str] = typer.Option(None, help="override the data format"),
+            overrides: Optional[list[str]] = typer.Option(None, "--set", help="recipe override KEY=VALUE (zero-shot)"),
             batch_size: int = typer.Option(32, min=1)) -> None:
     """Write one prediction per input row as JSON lines."""
     try:
@@ -86,7 +99,8 @@ def predict(run_dir: Path = typer.Argument(..., help="a finished run's output di
             loaded, rows = _load_rows(run_dir, data, format)
             records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, batch_size=batch_size)
         else:
-            loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False)
+            loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False,
+                                                     overrides=overrides or [])
             records = loaded.task.predictions(outputs, examples, rows)
     except ShardtuneError as exc:
         _fail(exc)
@@ -250,20 +264,41 @@ def jobs_stop(job_id: str, address: str = AddressOpt) -> None:
 def _generates(run_dir: Path) -> bool:
     from shardtune.recipe import load_raw
 
-    recipe = run_dir / "recipe.yaml"
+    recipe = run_dir if run_dir.is_file() else run_dir / "recipe.yaml"
     return recipe.is_file() and (load_raw(recipe).get("task") or {}).get("type") == "causal_lm"
 
 
-def _load_rows(run_dir: Path, data: Path, fmt: Optional[str], with_targets: bool = False):
-    """The file's rows; with the run's `data.on_bad_row: skip`, the bad ones left out and counted."""
+def _load(run_dir: Path, overrides: list[str]):
+    """A finished run, or a prompt recipe's untrained model (zero-shot)."""
+    from shardtune.errors import RunError
+    from shardtune.export import load_run, load_zero_shot
+    from shardtune.recipe import load_recipe
+
+    if run_dir.is_file() and run_dir.suffix in (".yaml", ".yml"):
+        return load_zero_shot(load_recipe(run_dir, overrides))
+    if overrides:
+        raise RunError("--set overrides a recipe; a finished run is evaluated as it was trained")
+    return load_run(run_dir)
+
+
+def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_targets: bool = False,
+               overrides: Optional[list[str]] = None):
+    """The file's rows; with the run's `data.on_bad_row: skip`, the bad ones left out and counted.
+    No file with a recipe: the recipe's validation split."""
     from shardtune.data import read_rows
     from shardtune.engine import drop_bad_rows
     from shardtune.errors import DataError
-    from shardtune.export import load_run
 
-    if not data.exists():
+    if data is not None and not data.exists():
         raise DataError(f"data file '{data}' does not exist")
-    loaded = load_run(run_dir)
+    loaded = _load(run_dir, overrides or [])
+    if data is None:
+        if not run_dir.is_file():
+            raise DataError("give --data: the file to score (a recipe's validation split is the default only "
+                            "when a recipe is given)")
+        from shardtune.engine import load_data
+
+        return loaded, load_data(loaded.recipe, loaded.task, loaded.tokenizer).val_rows
     source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
     if fmt is None and source.resolved_format == "":
         source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
@@ -276,12 +311,13 @@ def _load_rows(run_dir: Path, data: Path, fmt: Optional[str], with_targets: bool
     return loaded, rows
 
 
-def _infer(run_dir: Path, data: Path, fmt: Optional[str], batch_size: int, *, with_targets: bool):
+def _infer(run_dir: Path, data: Optional[Path], fmt: Optional[str], batch_size: int, *, with_targets: bool,
+           overrides: Optional[list[str]] = None):
     import torch
 
     from shardtune.export import forward_outputs
 
-    loaded, rows = _load_rows(run_dir, data, fmt, with_targets)
+    loaded, rows = _load_rows(run_dir, data, fmt, with_targets, overrides)
     examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)
     outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size,
                               torch.device("cpu"))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import sys
 
-METHODS = ["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "none"]
+METHODS = ["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "frozen", "none"]
 QUANTIZATION = {"none": "none", "4-bit": "nf4", "8-bit": "int8"}  # matrix label -> a mode of that width
 ZERO_STAGES = [0, 1, 2, 3]
 FAMILIES = {"classification": ("sequence_classification", "sequence_regression"),
-            "tagging": ("token_classification",), "qa": ("question_answering",), "causal_lm": ("causal_lm",)}
+            "tagging": ("token_classification",), "qa": ("question_answering",), "causal_lm": ("causal_lm",),
+            "prompt": ("prompt_classification",)}
 
 # (key, reason); the key is what the matrix footnotes show.
 FULL_QUANTIZED = ("full+quantised", "full fine-tuning trains every weight, and bitsandbytes weights are frozen "
@@ -37,7 +38,10 @@ PREQUANTIZED_ZERO3 = ("pre-quantised+ZeRO-3", "this checkpoint is saved already 
 DORA_QUANTIZED_ZERO3 = ("DoRA+quantised+ZeRO-3", "adapter.use_dora recomputes the norm of the dequantised base weight "
                         "on every forward pass, which needs the whole weight, and ZeRO-3 holds only a shard of each "
                         "quantised weight; use sharding.zero_stage 0-2, plain LoRA, or quantization.mode: none")
-RULES = [FULL_QUANTIZED, INT8_ZERO3, PREPENDED_POSITIONS]  # the ones the matrix's axes decide
+FROZEN_OUTSIDE_PROMPT = ("frozen outside prompts", "adapter.method frozen trains nothing but a prompt template's "
+                         "{soft} tokens, which only task.type prompt_classification has; choose an adapter (lora, "
+                         "ia3, prefix_tuning, ...)")
+RULES = [FULL_QUANTIZED, INT8_ZERO3, PREPENDED_POSITIONS, FROZEN_OUTSIDE_PROMPT]  # the ones the matrix's axes decide
 
 
 def family_of(task_type: str) -> str:
@@ -52,6 +56,8 @@ def refusal(method: str, quant_mode: str, zero_stage: int, family: str) -> tuple
         return INT8_ZERO3
     if method in ("prompt_tuning", "p_tuning") and family in ("tagging", "qa"):
         return PREPENDED_POSITIONS
+    if method == "frozen" and family != "prompt":
+        return FROZEN_OUTSIDE_PROMPT
     return None
 
 

@@ -80,6 +80,8 @@ def load_data(recipe: Recipe, task, tokenizer) -> Data:
     else:
         train_rows, val_rows = split_train_validation(train_rows, recipe.data.validation_split,
                                                       recipe.train.seed)
+    if recipe.data.few_shot_per_class:
+        train_rows = few_shot(train_rows, recipe.data.few_shot_per_class, task, recipe.train.seed)
     train_rows = sample(train_rows, recipe.data.max_train_examples, recipe.train.seed)
     val_rows = sample(val_rows, recipe.data.max_eval_examples, recipe.train.seed)
     task.fit_labels(train_rows)
@@ -90,6 +92,25 @@ def load_data(recipe: Recipe, task, tokenizer) -> Data:
     skipped = {"train": len(bad_train or []), "validation": len(bad_val or [])}
     return Data(train_rows, val_rows, task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer),
                 skipped, ((bad_train or []) + (bad_val or []))[:5])
+
+
+def few_shot(rows: list, k: int, task, seed: int) -> list:
+    """A seeded draw of k rows per label (data.few_shot_per_class), in the file's order."""
+    import random
+
+    by_label: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        try:
+            by_label.setdefault(task.row_label(row), []).append(i)
+        except DataError:
+            pass  # an unreadable row is reported (or skipped) when encoded, if drawn
+    short = {label: len(ids) for label, ids in by_label.items() if len(ids) < k}
+    if short:
+        raise DataError(f"data.few_shot_per_class is {k}, but label(s) have fewer training rows: {short}; "
+                        "lower few_shot_per_class")
+    rng = random.Random(seed)
+    chosen = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], k))
+    return [rows[i] for i in chosen]
 
 
 def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_targets: bool = True) -> list:
@@ -184,7 +205,11 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
         log(f"skipped bad rows (data.on_bad_row: skip): {data.skipped['train']} train, "
             f"{data.skipped['validation']} validation; first: " + " | ".join(data.problems))
     model = backbone.load_model(recipe, task, tokenizer)
+    if hasattr(task, "fit_verbalizer"):  # prompt tasks: label words found from the untrained model
+        task.fit_verbalizer(model, tokenizer, train_examples, device, rank, world, log)
     model = apply_adapter(model, recipe, task)
+    if hasattr(task, "wrap"):  # prompt tasks: read the LM at the label slot, with the soft tokens
+        model = task.wrap(model, tokenizer)
     trainable, total = backbone.count_parameters(model)
     log(f"model ready: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%); {len(train_examples)} train / {len(val_examples)} "

@@ -63,6 +63,8 @@ def forward_outputs(model: torch.nn.Module, task, tokenizer, examples, batch_siz
     was_training = model.training
     model.eval()
     outputs: list[np.ndarray] = []
+    if hasattr(task, "before_forward"):  # e.g. a prompt task's content-free calibration input
+        task.before_forward(model, tokenizer, device)
     for start in range(0, len(examples), batch_size):
         batch = task.collate(examples[start:start + batch_size], tokenizer)
         for key in task.target_keys:
@@ -100,12 +102,46 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     task.load_state(json.loads((run_dir / TASK_STATE).read_text()))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     if (run_dir / "adapter").is_dir():
-        model = PeftModel.from_pretrained(load_model(recipe, task, tokenizer), run_dir / "adapter")
+        saved = run_dir / "adapter"
+        model = load_model(recipe, task, tokenizer)
+        if (saved / "adapter_config.json").is_file():  # else adapter.method frozen: soft tokens only
+            model = PeftModel.from_pretrained(model, saved)
     elif (run_dir / "model").is_dir():
-        model = task.build_model(str(run_dir / "model"), load_kwargs(recipe))
+        saved = run_dir / "model"
+        model = task.build_model(str(saved), load_kwargs(recipe))
     else:
         raise RunError(f"'{run_dir}' holds neither adapter/ nor model/; the run did not finish")
+    if hasattr(task, "wrap"):
+        model = task.wrap(model, tokenizer, saved=str(saved))
     model.eval()
+    return LoadedRun(recipe, task, tokenizer, model)
+
+
+def load_zero_shot(recipe) -> LoadedRun:
+    """The untrained backbone behind a prompt recipe's templates and verbalizer: zero-shot
+    inference (`shardtune eval RECIPE.yaml`). An automatic verbalizer reads the recipe's
+    training data to find its words; soft tokens are refused, as nothing has trained them."""
+    from shardtune.backbone import load_model, load_tokenizer
+    from shardtune.errors import RecipeError
+    from shardtune.tasks import get_task
+
+    if recipe.task.type != "prompt_classification":
+        raise RecipeError(f"zero-shot evaluation needs task.type prompt_classification (a template and a "
+                          f"verbalizer), not {recipe.task.type}: its head is untrained until a run trains it. "
+                          "Give a finished run's directory instead")
+    if recipe.task.has_soft_tokens():
+        raise RecipeError("task.templates: {soft} tokens are trained parameters, and zero-shot inference trains "
+                          "nothing; use hand-written templates for zero-shot, or train the recipe first")
+    task = get_task(recipe)
+    tokenizer = load_tokenizer(recipe)
+    task.check(tokenizer)
+    model = load_model(recipe, task, tokenizer)
+    if recipe.task.verbalizer == "auto" or task.labels is None:
+        from shardtune.engine import load_data
+
+        data = load_data(recipe, task, tokenizer)
+        task.fit_verbalizer(model, tokenizer, data.train_examples, torch.device("cpu"))
+    model = task.wrap(model, tokenizer).eval()
     return LoadedRun(recipe, task, tokenizer, model)
 
 
@@ -133,6 +169,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise RunError(f"'{out_dir}' already exists and is not empty; choose a new --out folder")
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     method = recipe.adapter.method
+    if recipe.task.type == "prompt_classification" and (recipe.task.has_soft_tokens() or method == "frozen"):
+        raise RunError("this run's templates have trained {soft} tokens, which live outside the model's weights; "
+                       f"load it with `shardtune eval/predict {run_dir}` instead of merging")
     if method in SOFT_PROMPT_METHODS:
         raise RunError(f"a {method} adapter adds soft tokens to every input; there are no weights to merge it "
                        f"into. Load {run_dir / 'adapter'} with peft's PeftModel.from_pretrained instead")

@@ -88,7 +88,10 @@ def preflight(recipe: Recipe) -> None:
     from shardtune.tasks import get_task
 
     task = get_task(recipe)
-    data = load_data(recipe, task, load_tokenizer(recipe))
+    tokenizer = load_tokenizer(recipe)
+    if hasattr(task, "check"):  # what needs the tokenizer: e.g. prompt tasks' label words
+        task.check(tokenizer)
+    data = load_data(recipe, task, tokenizer)
     if sum(data.skipped.values()):
         print(f"data.on_bad_row is skip: leaving out {data.skipped['train']} train and "
               f"{data.skipped['validation']} validation rows; first: " + " | ".join(data.problems), file=sys.stderr)

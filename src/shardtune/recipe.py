@@ -116,7 +116,13 @@ class FullFineTuning(Section):
     modules_to_save: list[str] | None = Field(None, description="not used: every weight trains")
 
 
-ADAPTER_METHODS = ["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "none"]
+class FrozenBackbone(Section):
+    """No adapter and no backbone weight trains: only a prompt template's {soft} tokens."""
+    method: Literal["frozen"]
+    modules_to_save: list[str] | None = Field(None, description="not used: nothing but the soft tokens trains")
+
+
+ADAPTER_METHODS = ["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "frozen", "none"]
 
 
 def _adapter_method(value) -> str:
@@ -128,7 +134,8 @@ def _adapter_method(value) -> str:
 AdapterSection = Annotated[
     Union[Annotated[LoraAdapter, Tag("lora")], Annotated[IA3Adapter, Tag("ia3")],
           Annotated[PromptTuningAdapter, Tag("prompt_tuning")], Annotated[PrefixTuningAdapter, Tag("prefix_tuning")],
-          Annotated[PTuningAdapter, Tag("p_tuning")], Annotated[FullFineTuning, Tag("none")]],
+          Annotated[PTuningAdapter, Tag("p_tuning")], Annotated[FrozenBackbone, Tag("frozen")],
+          Annotated[FullFineTuning, Tag("none")]],
     Discriminator(_adapter_method, custom_error_type="adapter_method",
                   custom_error_message="unknown adapter method")]
 
@@ -200,19 +207,90 @@ class CausalLMTask(Section):
         None, description="response column value -> response text, e.g. {'0': negative, '1': positive}")
 
 
+class AutoVerbalizerSection(Section):
+    words_per_label: int = Field(3, ge=1, le=50, description="label words chosen per label")
+    candidates: int = Field(1000, ge=2, description="how many of the most probable whole-word tokens are considered")
+    max_examples: int = Field(512, ge=2, description="training examples whose slot distributions are read")
+
+
+class PromptClassificationTask(Section):
+    type: Literal["prompt_classification"]
+    templates: list[str] = Field(
+        min_length=1, description="prompt templates: words, {field} (a column), {mask} (the label slot), {soft}, "
+                                  "{soft:N}, {soft:words}; several are trained together and combined")
+    verbalizer: dict[str, list[str] | str] | Literal["auto"] = Field(
+        description="label -> label word(s), or auto: words found from the model's output distribution")
+    labels: list[str] | None = Field(None, description="label names in order; default: the verbalizer's labels")
+    family: Literal["auto", "causal_lm", "masked_lm", "seq2seq"] = Field(
+        "auto", description="how the LM predicts the label word: the next token (causal_lm), the [MASK] position "
+                            "(masked_lm), the decoder's first token (seq2seq); auto: from the model's config")
+    template_weights: list[float] | Literal["uniform", "learned"] = Field(
+        "uniform", description="how templates' label probabilities are averaged: uniform, these weights, or "
+                               "learned on the validation split")
+    share_soft_tokens: bool = Field(False, description="templates share one table of soft tokens (else each its own)")
+    calibrate: bool = Field(False, description="divide label probabilities by those of a content-free input (N/A)")
+    chat: bool = Field(False, description="causal LMs: the prompt is the user's message in the tokenizer's chat "
+                                          "template, the label word the assistant's first word")
+    auto_verbalizer: AutoVerbalizerSection = Field(default_factory=AutoVerbalizerSection)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_parse(cls, value):
+        from shardtune.prompting.template import parse
+
+        for i, template in enumerate(value):
+            try:
+                parse(template)
+            except ValueError as exc:
+                raise ValueError(f"template {i} '{template}': {exc}") from None
+        return value
+
+    @field_validator("verbalizer")
+    @classmethod
+    def _words(cls, value):
+        if isinstance(value, dict):
+            if len(value) < 2:
+                raise ValueError("needs label words for at least two labels")
+            empty = [label for label, words in value.items() if not words or (isinstance(words, list) and not all(
+                isinstance(w, str) and w.strip() for w in words))]
+            if empty:
+                raise ValueError(f"label(s) {empty} have no (or empty) label words")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if isinstance(self.verbalizer, dict) and self.labels is not None:
+            missing = [label for label in self.labels if label not in self.verbalizer]
+            if missing:
+                raise ValueError(f"verbalizer has no label words for label(s) {missing}; add them, e.g. "
+                                 f"{missing[0]}: [word]")
+        if isinstance(self.template_weights, list):
+            if len(self.template_weights) != len(self.templates):
+                raise ValueError(f"template_weights has {len(self.template_weights)} weights for "
+                                 f"{len(self.templates)} templates")
+            if any(w < 0 for w in self.template_weights) or sum(self.template_weights) <= 0:
+                raise ValueError("template_weights must be non-negative and not all zero")
+        return self
+
+    def has_soft_tokens(self) -> bool:
+        return any("{soft" in t.replace(" ", "") for t in self.templates)
+
+
 TaskSection = Annotated[Union[SequenceClassificationTask, SequenceRegressionTask, TokenClassificationTask,
-                              QuestionAnsweringTask, CausalLMTask], Field(discriminator="type")]
+                              QuestionAnsweringTask, CausalLMTask, PromptClassificationTask],
+                        Field(discriminator="type")]
 TASK_TYPES = ["sequence_classification", "sequence_regression", "token_classification", "question_answering",
-              "causal_lm"]
+              "causal_lm", "prompt_classification"]
 TASK_ROLES = {  # data.columns roles each task reads
     "sequence_classification": {"text", "text_b", "label"},
     "sequence_regression": {"text", "text_b", "label"},
     "token_classification": {"tokens", "tags"},
     "question_answering": {"id", "question", "context", "answers"},
     "causal_lm": {"instruction", "input", "response", "messages", "text"},
+    "prompt_classification": {"label"},  # plus every {field} its templates read
 }
 TASK_FORMATS = {  # formats that only make sense for some tasks
-    "textdir": {"sequence_classification", "causal_lm"},
+    "textdir": {"sequence_classification", "prompt_classification", "causal_lm"},
     "conll": {"token_classification"},
     "wordtag": {"token_classification"},
     "squad": {"question_answering"},
@@ -264,6 +342,8 @@ class DataSection(Section):
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example after truncation")
     max_train_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many training rows")
     max_eval_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many validation rows")
+    few_shot_per_class: int | None = Field(
+        None, ge=1, description="few-shot: train on a seeded draw of this many rows per label (classification)")
     augment: AugmentSection | None = Field(
         None, description="augment training examples on the fly (label-preserving for tagging and QA)")
     on_bad_row: Literal["error", "skip"] = Field(
@@ -480,7 +560,18 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if tr.warmup_steps is not None and tr.max_steps is not None and tr.warmup_steps >= tr.max_steps:
         problems.append(f"train.warmup_steps ({tr.warmup_steps}) must be below train.max_steps ({tr.max_steps})")
 
-    task_roles = TASK_ROLES[recipe.task.type]
+    if recipe.data.few_shot_per_class and recipe.task.type not in ("sequence_classification", "prompt_classification"):
+        problems.append("data.few_shot_per_class draws rows per label: it applies to sequence_classification and "
+                        "prompt_classification; remove it")
+    task_roles = set(TASK_ROLES[recipe.task.type])
+    if recipe.task.type == "prompt_classification":
+        from shardtune.prompting.template import fields, parse
+
+        task_roles |= {f for t in recipe.task.templates for f in fields(parse(t))}
+        if recipe.adapter.method == "frozen" and not recipe.task.has_soft_tokens():
+            problems.append("adapter.method frozen trains only the templates' {soft} tokens, and no template has "
+                            "one: nothing would train. Add soft tokens (e.g. '{soft:4} {text} {mask}'), or choose "
+                            "an adapter (lora, prompt_tuning, ...)")
     for role in recipe.data.columns:
         if role not in task_roles:
             problems.append(f"data.columns.{role}: not a column role of task {recipe.task.type}"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from shardtune.adapters import full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
+from shardtune.adapters import frozen, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
 from shardtune.errors import RecipeError
 
 METHODS = {"lora": lora, "ia3": ia3, "prompt_tuning": prompt_tuning, "prefix_tuning": prefix_tuning,
-           "p_tuning": p_tuning, "none": full}
+           "p_tuning": p_tuning, "frozen": frozen, "none": full}
 SOFT_PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
 
@@ -22,6 +22,7 @@ def apply_adapter(model: torch.nn.Module, recipe, task) -> torch.nn.Module:
 
 
 def is_peft(recipe) -> bool:
+    """Whether the run saves only what trained (adapter/) rather than the whole model (model/)."""
     return recipe.adapter.method != "none"
 
 
@@ -35,7 +36,8 @@ def optimizer_groups(model: torch.nn.Module, recipe) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decays = not (param.ndim < 2 or "norm" in name.lower())
+        # Soft tokens are embeddings: decaying them pulls them away from the vocabulary's scale.
+        decays = not (param.ndim < 2 or "norm" in name.lower() or name == "soft_tokens")
         scale = lora.learning_rate_scale(name, recipe) if recipe.adapter.method == "lora" else 1.0
         groups.setdefault((decays, scale), []).append(param)
     return [{"params": params, "weight_decay": tr.weight_decay if decays else 0.0, "lr": tr.learning_rate * scale}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from shardtune.tasks.base import Example, Task
 from shardtune.tasks.causal_lm import CausalLM
+from shardtune.tasks.prompt_classification import PromptClassification
 from shardtune.tasks.question_answering import QuestionAnswering
 from shardtune.tasks.sequence_classification import SequenceClassification
 from shardtune.tasks.sequence_regression import SequenceRegression
@@ -19,6 +20,7 @@ TASKS: dict[str, type] = {
     "token_classification": TokenClassification,
     "question_answering": QuestionAnswering,
     "causal_lm": CausalLM,
+    "prompt_classification": PromptClassification,
 }
 
 

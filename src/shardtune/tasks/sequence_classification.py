@@ -110,6 +110,9 @@ class SequenceClassification:
     def load_state(self, state: dict) -> None:
         self.labels = list(state["labels"])
 
+    def row_label(self, row: Row) -> str:
+        return self._raw_label(row)
+
     def _raw_label(self, row: Row) -> str:
         value = row.get(self.label_col)
         if value is None or (isinstance(value, str) and not value.strip()):

@@ -1,0 +1,328 @@
+"""Classification by prompting: a template turns each row into a cloze the pretrained LM
+fills at the label slot, and a verbalizer maps label words to labels. No new head: the
+LM's own output layer scores the words (task.templates, task.verbalizer).
+
+Several templates are all trained and combined at prediction time by averaging their
+label probabilities (task.template_weights: uniform, given, or learned on the validation
+split). Training modes follow from adapter.method: any adapter or full fine-tuning trains
+on the prompted data with the loss on the label words; prompt_tuning / p_tuning /
+prefix_tuning or `frozen` (only the template's {soft} tokens) keep the LM frozen; and
+`shardtune eval RECIPE` scores the untrained model zero-shot.
+
+Columns: every {field} of the templates (data.columns may map a field to another
+column) and `label`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+from shardtune.data import Row
+from shardtune.errors import DataError, RecipeError
+from shardtune.metrics import classification_metrics
+from shardtune.prompting import family_of_config
+from shardtune.prompting import template as tpl
+from shardtune.prompting import verbalizer as vb
+from shardtune.prompting.model import PromptModel, load_soft_tokens
+from shardtune.tasks.base import Example, readable
+from shardtune.tasks.sequence_classification import _natural_key
+
+MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
+                 "seq2seq": AutoModelForSeq2SeqLM}
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "masked_lm": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+class PromptClassification:
+    target_keys = ("labels",)
+
+    def __init__(self, recipe):
+        from shardtune.backbone import model_location
+
+        self.options, self.recipe = recipe.task, recipe
+        self.max_length = recipe.data.max_length
+        self.columns = recipe.data.columns
+        self.label_col = self.columns.get("label", "label")
+        self.templates = [tpl.parse(t) for t in self.options.templates]  # validated with the recipe
+        self.config = AutoConfig.from_pretrained(model_location(recipe))
+        self.family = self.options.family if self.options.family != "auto" else family_of_config(self.config)
+        self.peft_task_type = PEFT_TASK_TYPES[self.family]
+        auto = self.options.verbalizer == "auto"
+        self.verbalizer: dict[str, list[str]] | None = None if auto else {
+            label: [words] if isinstance(words, str) else list(words) for label, words in self.options.verbalizer.items()}
+        self.labels = list(self.options.labels or (self.verbalizer or {})) or None
+        given = self.options.template_weights
+        self.weights = np.array(given, dtype=np.float64) if isinstance(given, list) else None
+        self.content_free: np.ndarray | None = None
+        self._renderers = None
+
+    # ----------------------------------------------------------------- labels & model
+    def check(self, tokenizer) -> None:
+        """What needs the tokenizer: the slot token, label words, soft-token initial words."""
+        problems = []
+        if self.family == "causal_lm":
+            for i, pieces in enumerate(self.templates):
+                if not tpl.mask_ends(pieces):
+                    problems.append(f"task.templates[{i}]: a causal LM predicts the next token, so {{mask}} must end "
+                                    f"the template (model.path is a causal LM); move the text after it before it")
+        if self.family == "masked_lm" and tokenizer.mask_token_id is None:
+            problems.append("task.family masked_lm: the tokenizer has no mask token; is model.path a masked LM?")
+        if self.options.chat and not getattr(tokenizer, "chat_template", None):
+            problems.append("task.chat: the tokenizer has no chat template; set chat: false")
+        if self.options.chat and self.family != "causal_lm":
+            problems.append("task.chat: chat templates are for causal LMs; set chat: false")
+        if self.verbalizer:
+            for i, renderer_space in enumerate(self._spaces()):
+                for label, words in self.verbalizer.items():
+                    for word in words:
+                        why = vb.unencodable(tokenizer, word, renderer_space)
+                        if why:
+                            problems.append(f"task.verbalizer.{label}: label word '{word}' {why}; choose another word")
+                break  # the first template's spelling is what the message needs
+        for i, pieces in enumerate(self.templates):
+            for piece in pieces:
+                if piece.kind == "soft" and piece.value and (why := vb.unencodable(tokenizer, piece.value, False)):
+                    problems.append(f"task.templates[{i}]: {{soft:{piece.value}}} {why}")
+        if problems:
+            raise RecipeError(problems)
+
+    def fit_labels(self, train_rows: list[Row]) -> None:
+        if self.labels is not None:
+            return
+        found = set(readable(train_rows, self.row_label))
+        if len(found) < 2:
+            raise DataError(f"the training data has {len(found)} distinct label(s) in column '{self.label_col}'; "
+                            "classification needs at least two")
+        self.labels = sorted(found, key=_natural_key)
+
+    def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
+        model, info = MODEL_CLASSES[self.family].from_pretrained(model_path, output_loading_info=True, **load_kwargs)
+        if info["missing_keys"]:
+            # A prompt reads the LM's own output layer; one initialised at random scores nothing.
+            raise RecipeError(f"model.path {self.recipe.model.path} has no pretrained {self.family} head "
+                              f"(missing: {', '.join(sorted(info['missing_keys'])[:3])}, ...): prompting reads the "
+                              "LM's own output layer. Use a checkpoint saved with its LM head, or set task.family")
+        return model
+
+    def build_model_from_config(self, config) -> torch.nn.Module:
+        return MODEL_CLASSES[self.family].from_config(config)
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        return []  # the LM's own output layer scores the label words: no new head
+
+    def soft_token_count(self, tokenizer) -> int:
+        counts = [sum(tpl.soft_lengths(p, tokenizer)) for p in self.templates]
+        return max(counts) if self.options.share_soft_tokens else sum(counts)
+
+    def wrap(self, model: torch.nn.Module, tokenizer, saved: str | None = None) -> PromptModel:
+        """The trainable prompt model around the (adapted) LM; `saved`: a run's folder holding
+        trained soft tokens."""
+        soft = load_soft_tokens(saved) if saved else None
+        if soft is None and self.soft_token_count(tokenizer):
+            soft = self._initial_soft_tokens(model, tokenizer)
+        save_lm = self.recipe.adapter.method != "frozen"
+        return PromptModel(model, self.family, vb.WordTable(self.verbalizer, self.labels, tokenizer, self._spaces()),
+                           len(self.templates), soft, save_lm=save_lm)
+
+    def _initial_soft_tokens(self, model, tokenizer) -> torch.Tensor:
+        """From the given words' embeddings, else from randomly drawn vocabulary embeddings
+        (better than random vectors: Lester et al. 2021). Seeded: every rank agrees."""
+        embeddings = model.get_input_embeddings().weight.detach().float()
+        generator = torch.Generator().manual_seed(self.recipe.train.seed)
+        table = embeddings[torch.randint(0, len(tokenizer), (self.soft_token_count(tokenizer),),
+                                         generator=generator)].clone()
+        for pieces, renderer in zip(self.templates, self.renderers(tokenizer)):
+            for piece, run in zip([p for p in pieces if p.kind == "soft"], renderer.soft_runs):
+                if piece.value:
+                    table[run] = embeddings[tpl.word_ids(tokenizer, piece.value)]
+        return table
+
+    def _spaces(self) -> list[bool]:
+        return [tpl.space_before_mask(p) and self.family != "masked_lm" and not self.options.chat
+                for p in self.templates]
+
+    def renderers(self, tokenizer) -> list[tpl.TemplateRenderer]:
+        if self._renderers is None:
+            start, renderers = 0, []
+            for pieces in self.templates:
+                renderer = tpl.TemplateRenderer(pieces, tokenizer, self.family, self.max_length,
+                                                0 if self.options.share_soft_tokens else start, self.options.chat,
+                                                getattr(self.config, "decoder_start_token_id", None))
+                start += sum(len(run) for run in renderer.soft_runs)
+                renderers.append(renderer)
+            self._renderers = renderers
+        return self._renderers
+
+    # ------------------------------------------------------------------------- data
+    def encode(self, rows: list[Row], tokenizer, *, with_targets: bool = True) -> list[Example]:
+        label_ids = {name: i for i, name in enumerate(self.labels or [])}
+        examples = []
+        for i, row in enumerate(rows):
+            target = None
+            if with_targets:
+                label = self.row_label(row)
+                if label not in label_ids:
+                    raise DataError(f"{row.where}: label '{label}' is not one of the task's labels {self.labels}; "
+                                    "fix the row, or give it label words in task.verbalizer")
+            target = label_ids[label] if with_targets else None
+            examples.append(Example(index=i, features=self._render(self._values(row), tokenizer), target=target))
+        return examples
+
+    def _values(self, row: Row) -> dict[str, str]:
+        values = {}
+        for t, pieces in enumerate(self.templates):
+            for field in tpl.fields(pieces):
+                column = self.columns.get(field, field)
+                value = row.get(column)
+                if value is None:
+                    raise DataError(f"{row.where}: task.templates[{t}] reads {{{field}}}, but the row has no column "
+                                    f"'{column}' (columns: {sorted(row.values)}); fix the template or map the "
+                                    f"field with data.columns.{field}")
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(f"{row.where}: column '{column}' (template field {{{field}}}) is empty or not text")
+                values[field] = value
+        return values
+
+    def _render(self, values: dict[str, str], tokenizer) -> dict[str, list]:
+        features: dict[str, list] = {"input_ids": [], "soft_index": [], "slot": [], "decoder_input_ids": []}
+        for renderer in self.renderers(tokenizer):
+            try:
+                rendered = renderer.render({f: values[f] for f in tpl.fields(renderer.pieces)})
+            except ValueError as exc:
+                raise RecipeError(f"task.templates: {exc}") from None
+            features["input_ids"].append(rendered.input_ids)
+            features["soft_index"].append(rendered.soft_index)
+            features["slot"].append(rendered.slot)
+            features["decoder_input_ids"].append(rendered.decoder_input_ids)
+        return features
+
+    def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
+        """One row per (example, template), example-major. Causal LMs are padded on the left
+        so that the slot is every row's last position."""
+        sequences = [(t, ids, soft, slot, dec) for e in examples for t, (ids, soft, slot, dec) in enumerate(zip(
+            e.features["input_ids"], e.features["soft_index"], e.features["slot"], e.features["decoder_input_ids"]))]
+        longest = max(len(s[1]) for s in sequences)
+        left = self.family == "causal_lm"
+        batch: dict[str, list] = {"input_ids": [], "attention_mask": [], "soft_index": [], "template": []}
+        for t, ids, soft, _, _ in sequences:
+            fill = longest - len(ids)
+            pad = ([tokenizer.pad_token_id] * fill, [0] * fill, [-1] * fill)
+            batch["input_ids"].append(pad[0] + ids if left else ids + pad[0])
+            batch["attention_mask"].append(pad[1] + [1] * len(ids) if left else [1] * len(ids) + pad[1])
+            batch["soft_index"].append(pad[2] + soft if left else soft + pad[2])
+            batch["template"].append(t)
+        if self.family == "masked_lm":
+            batch["slot"] = [s[3] for s in sequences]
+        if self.family == "seq2seq":
+            batch["decoder_input_ids"] = [s[4] for s in sequences]
+        if examples[0].target is not None:
+            batch["labels"] = [e.target for e in examples]
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+    def row_label(self, row: Row) -> str:
+        value = row.get(self.label_col)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{row.where}: no label in column '{self.label_col}' (columns: {sorted(row.values)}); "
+                            "map it with data.columns.label")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return str(value).strip()
+
+    # ------------------------------------------------ steps that need the model itself
+    @torch.no_grad()
+    def fit_verbalizer(self, model, tokenizer, examples: list[Example], device, rank: int = 0, world: int = 1,
+                       log=print) -> None:
+        """task.verbalizer: auto. Label words from the untrained model's slot distribution on
+        the training examples (each rank scores its share; the sums are all-reduced)."""
+        if self.verbalizer is not None:
+            return
+        options = self.options.auto_verbalizer
+        sample = examples[:options.max_examples]
+        placeholder = {label: [tokenizer.decode([tokenizer.pad_token_id])] for label in self.labels}
+        self.verbalizer = placeholder  # the word table is not read for the slot distribution
+        prompt_model = self.wrap(model, tokenizer).to(device).eval()
+        sums = torch.zeros(len(self.labels), len(tokenizer), dtype=torch.float64)
+        counts = torch.zeros(len(self.labels), dtype=torch.float64)
+        mine = sample[rank::world]
+        for start in range(0, len(mine), 8):
+            chunk = mine[start:start + 8]
+            batch = {k: v.to(device) for k, v in self.collate(chunk, tokenizer).items() if k != "labels"}
+            lp = prompt_model(**batch, slot_distribution=True).logits.double().cpu()  # (examples x templates, vocab)
+            lp = lp.view(len(chunk), len(self.templates), -1).mean(1)[:, :sums.shape[1]]
+            for example, row_lp in zip(chunk, lp):
+                sums[example.target] += row_lp
+                counts[example.target] += 1
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        if (counts == 0).any():
+            missing = [label for label, n in zip(self.labels, counts) if n == 0]
+            raise DataError(f"task.verbalizer auto: no training examples of label(s) {missing} among the first "
+                            f"{len(sample)}; raise task.auto_verbalizer.max_examples")
+        class_lp = (sums / counts[:, None]).numpy()
+        space = self._spaces()[0]
+        candidates = vb.candidate_tokens(tokenizer, class_lp.mean(0), space, options.candidates)
+        chosen = vb.choose_words(class_lp, candidates, options.words_per_label)
+        self.verbalizer = {label: [tokenizer.decode([t]).strip() for t in ids] for label, ids in zip(self.labels, chosen)}
+        log("automatic verbalizer: " + "; ".join(f"{label}: {', '.join(words)}" for label, words in
+                                                 self.verbalizer.items()))
+
+    @torch.no_grad()
+    def before_forward(self, model, tokenizer, device) -> None:
+        """task.calibrate: the label probabilities of a content-free input (every field N/A)."""
+        if not self.options.calibrate:
+            return
+        fields_all = {f for pieces in self.templates for f in tpl.fields(pieces)}
+        example = Example(0, self._render({f: tpl.CONTENT_FREE for f in fields_all}, tokenizer))
+        batch = {k: v.to(device) for k, v in self.collate([example], tokenizer).items()}
+        self.content_free = model(**batch).logits[0].float().cpu().numpy()  # (templates, labels)
+
+    # ---------------------------------------------------------------------- results
+    def outputs(self, model_output, batch) -> list[np.ndarray]:
+        return list(model_output.logits.detach().float().cpu().numpy())  # per example: (templates, labels)
+
+    def label_log_probs(self, outputs: list[np.ndarray], targets: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated, combined label log-probabilities; learns the template weights first when
+        asked (template_weights: learned) and targets are given."""
+        lp = np.stack(outputs).astype(np.float64)
+        if self.content_free is not None:
+            lp = vb.calibrate(lp, self.content_free.astype(np.float64))
+        if self.options.template_weights == "learned" and targets is not None and len(self.templates) > 1:
+            self.weights = vb.learn_weights(lp, targets)
+        weights = self.weights if self.weights is not None else np.ones(len(self.templates))
+        return vb.combine(lp, weights), lp
+
+    def metrics(self, outputs: list[np.ndarray], examples: list[Example]) -> dict[str, float]:
+        targets = np.array([e.target for e in examples])
+        combined, per_template = self.label_log_probs(outputs, targets)
+        metrics = classification_metrics(combined, targets)
+        if len(self.templates) > 1:
+            for t in range(len(self.templates)):
+                metrics[f"accuracy_template_{t}"] = float((per_template[:, t].argmax(-1) == targets).mean())
+        return metrics
+
+    def predictions(self, outputs: list[np.ndarray], examples: list[Example], rows: list[Row]) -> list[dict]:
+        combined, _ = self.label_log_probs(outputs)
+        records = []
+        for row, lp in zip(rows, combined):
+            record = {f: v for f, v in self._values(row).items()}
+            if row.get(self.label_col) is not None:
+                record["label"] = self.row_label(row)
+            probs = np.exp(lp)
+            record["prediction"] = self.labels[int(lp.argmax())]
+            record["probabilities"] = {l: round(float(p), 6) for l, p in zip(self.labels, probs)}
+            records.append(record)
+        return records
+
+    def state(self) -> dict:
+        return {"labels": self.labels, "verbalizer": self.verbalizer, "family": self.family,
+                "template_weights": None if self.weights is None else [float(w) for w in self.weights]}
+
+    def load_state(self, state: dict) -> None:
+        self.labels = list(state["labels"])
+        self.verbalizer = state["verbalizer"]
+        if state.get("template_weights") is not None:
+            self.weights = np.array(state["template_weights"])

@@ -1,0 +1,129 @@
+"""Prompt learning end to end with 2 workers: the three training modes (prompted data with an
+adapter or full fine-tuning; soft prompts on a frozen model; zero-shot), the three model
+families, template ensembles and the automatic verbalizer, through `shardtune run`,
+`shardtune eval` and `shardtune predict`."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import write_recipe
+from shardtune.cli import app
+from shardtune.orchestrate import run
+from shardtune.recipe import validate_recipe
+from tiny_models import sentiment_rows, write_jsonl
+
+pytestmark = pytest.mark.integration
+cli = CliRunner()
+
+VERBALIZER = {"neg": ["bad", "awful"], "pos": ["good"]}
+
+
+@pytest.fixture
+def prompt_recipe(tiny_recipe, tiny_llama):
+    raw = copy.deepcopy(tiny_recipe)
+    raw["model"] = {"path": str(tiny_llama)}
+    raw["adapter"] = {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    raw["task"] = {"type": "prompt_classification", "templates": ["{text} it was {mask}"], "verbalizer": VERBALIZER}
+    raw["train"]["learning_rate"] = 1e-2
+    return raw
+
+
+# name, model fixture, adapter, task changes, ZeRO stage
+MODES = [
+    ("lora-causal-2-templates", "tiny_llama", {"method": "lora", "target_modules": ["q_proj", "v_proj"]},
+     {"templates": ["{text} it was {mask}", "film : {text} so {mask}"], "template_weights": "learned"}, 2),
+    ("full-causal-soft", "tiny_llama", {"method": "none"}, {"templates": ["{soft:2} {text} it was {mask}"]}, 0),
+    ("frozen-soft-tokens", "tiny_llama", {"method": "frozen"},
+     {"templates": ["{soft:4} {text} {soft:was} {mask}"]}, 3),
+    ("prompt-tuning-frozen", "tiny_llama", {"method": "prompt_tuning", "num_virtual_tokens": 4}, {}, 3),
+    ("lora-masked-lm", "tiny_masked_lm", {"method": "lora", "target_modules": ["query", "value"]},
+     {"templates": ["{text} . it was {mask} .", "{soft} {text} {mask}"], "share_soft_tokens": True}, 2),
+    ("prefix-seq2seq", "tiny_t5", {"method": "prefix_tuning", "num_virtual_tokens": 4},
+     {"templates": ["{text} it was {mask}"]}, 1),
+    ("lora-seq2seq-soft", "tiny_t5", {"method": "lora", "target_modules": ["q", "v"]},
+     {"templates": ["{soft:2} {text} {mask}"]}, 3),
+]
+
+
+@pytest.mark.parametrize("name,model,adapter,task,stage", MODES, ids=[m[0] for m in MODES])
+def test_training_mode_learns_then_evaluates_and_predicts(ray_session, prompt_recipe, request, tmp_path, name,
+                                                          model, adapter, task, stage):
+    raw = copy.deepcopy(prompt_recipe)
+    raw["model"] = {"path": str(request.getfixturevalue(model))}
+    raw["adapter"] = adapter
+    raw["task"].update(task)
+    raw["sharding"] = {"zero_stage": stage}
+    if adapter["method"] in ("frozen", "prompt_tuning", "prefix_tuning"):
+        raw["train"]["learning_rate"] = 5e-2  # soft prompts need large rates
+    if adapter["method"] == "none":
+        raw["train"]["learning_rate"] = 2e-3
+    if model != "tiny_llama":  # random output layers far from the label words: a few more epochs
+        raw["train"]["epochs"] = 6
+    run_dir = run(validate_recipe(raw)).output_dir
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["final"]["loss"] < metrics["before"]["loss"] - 0.05, (metrics["before"], metrics["final"])
+    before, final = metrics["before"]["accuracy"], metrics["final"]["accuracy"]
+    assert final >= max(0.65, before + 0.15), (before, final)
+    task_state = json.loads((run_dir / "task.json").read_text())
+    assert task_state["verbalizer"] == VERBALIZER
+    if len(raw["task"]["templates"]) > 1:
+        assert "accuracy_template_1" in metrics["final"]
+    if raw["task"].get("template_weights") == "learned":
+        assert abs(sum(task_state["template_weights"]) - 1) < 1e-6
+    saved = run_dir / ("model" if adapter["method"] == "none" else "adapter")
+    assert (saved / "soft_tokens.safetensors").is_file() == ("{soft" in " ".join(raw["task"]["templates"]))
+
+    # The saved run reproduces the final validation metrics on the same rows, and predicts.
+    fresh = write_jsonl(tmp_path / "fresh.jsonl", sentiment_rows(40, 7))
+    result = cli.invoke(app, ["eval", str(run_dir), "--data", str(fresh)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] >= final - 0.15  # a fresh file, same quality
+    out = tmp_path / "p.jsonl"
+    result = cli.invoke(app, ["predict", str(run_dir), "--data", str(fresh), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 40 and {r["prediction"] for r in records} <= {"neg", "pos"}
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in records)
+
+
+def test_zero_shot_eval_and_predict_from_a_recipe(prompt_recipe, tmp_path):
+    """No training: the recipe's templates and verbalizer on the untrained model, calibrated."""
+    raw = copy.deepcopy(prompt_recipe)
+    raw["task"].update({"templates": ["{text} it was {mask}", "{text} so {mask}"], "calibrate": True})
+    recipe = write_recipe(tmp_path / "zero.yaml", raw)
+    result = cli.invoke(app, ["eval", str(recipe)])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert scored["data"] == "validation split" and scored["examples"] > 0
+    assert {"accuracy", "accuracy_template_0", "accuracy_template_1", "loss"} <= set(scored)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+    fresh = write_jsonl(tmp_path / "fresh.jsonl", sentiment_rows(10, 3))
+    out = tmp_path / "p.jsonl"
+    result = cli.invoke(app, ["predict", str(recipe), "--data", str(fresh), "--out", str(out),
+                              "--set", "task.calibrate=false"])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 10
+
+
+def test_zero_shot_refuses_soft_tokens_and_head_tasks(prompt_recipe, tiny_recipe, tmp_path):
+    raw = copy.deepcopy(prompt_recipe)
+    raw["task"]["templates"] = ["{soft:2} {text} {mask}"]
+    result = cli.invoke(app, ["eval", str(write_recipe(tmp_path / "soft.yaml", raw))])
+    assert result.exit_code != 0 and "{soft} tokens are trained parameters" in result.output
+    result = cli.invoke(app, ["eval", str(write_recipe(tmp_path / "head.yaml", tiny_recipe))])
+    assert result.exit_code != 0 and "zero-shot evaluation needs task.type prompt_classification" in result.output
+
+
+def test_few_shot_trains_on_k_rows_per_label(ray_session, prompt_recipe):
+    raw = copy.deepcopy(prompt_recipe)
+    raw["data"]["few_shot_per_class"] = 8
+    raw["train"].update({"micro_batch_size": 4, "epochs": 2})
+    metrics = json.loads((run(validate_recipe(raw)).output_dir / "metrics.json").read_text())
+    assert metrics["summary"]["train_examples"] == 16
