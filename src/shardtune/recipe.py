@@ -545,9 +545,13 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if recipe.adapter.method == "none" and recipe.adapter.modules_to_save:
         problems.append("adapter.modules_to_save applies to adapters; with method: none every weight "
                         "trains already, so remove it")
-    if recipe.model.gguf_file and recipe.task.type != "causal_lm":
+    if recipe.model.gguf_file and recipe.task.type not in ("causal_lm", "prompt_classification"):
         problems.append("model.gguf_file: GGUF files hold causal language models; use task.type: causal_lm "
-                        "or a transformers model directory")
+                        "(or prompt_classification) or a transformers model directory")
+    if (recipe.model.gguf_file and recipe.task.type == "prompt_classification"
+            and recipe.task.family not in ("auto", "causal_lm")):
+        problems.append(f"task.family {recipe.task.family}: GGUF files hold causal language models; "
+                        "use family: causal_lm (or auto)")
     if recipe.data.augment is not None:
         if recipe.task.type == "causal_lm":
             problems.append("data.augment: augmentation is for classification, regression, tagging and QA; "
