@@ -230,6 +230,8 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
                               num_training_steps=total_steps)
     if not quantization.is_quantized(recipe):  # quantised weights were placed when loaded
         model = model.to(device)
+    elif hasattr(model, "place_own"):  # a prompt model's soft tokens and word tables, not the LM
+        model.place_own(device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(recipe, world))

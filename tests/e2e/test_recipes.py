@@ -45,6 +45,8 @@ def test_recipes_exist():
     # the real SmolLM2-135M-Instruct, from its GGUF file through the safetensors cache
     ("smollm2_sst2_instruct", ["train.max_steps=4", "data.max_train_examples=64", "data.max_eval_examples=16",
                                "train.micro_batch_size=4", "train.warmup_steps=0"]),
+    # prompt-based few-shot LoRA on SmolLM2: three templates, the loss on the label words
+    ("smollm2_sst2_prompt", ["train.max_steps=8", "data.max_eval_examples=32", "train.warmup_steps=0"]),
 ])
 def test_shipped_recipe_trains_on_the_real_encoder(ray_session, monkeypatch, tmp_path, name, overrides):
     recipe = ROOT / "recipes" / f"{name}.yaml"
@@ -58,3 +60,17 @@ def test_shipped_recipe_trains_on_the_real_encoder(ray_session, monkeypatch, tmp
     assert metrics["final"]["loss"] < metrics["before"]["loss"]
     assert metrics["summary"]["total_parameters"] > 20_000_000  # the real encoder / decoder
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_zero_shot_prompting_of_the_real_decoder(monkeypatch):
+    """No training: SmolLM2 reads SST-2 sentences through the shipped templates and
+    verbalizer well above chance (bench/prompts.py measures it on 300)."""
+    recipe = ROOT / "recipes" / "smollm2_sst2_prompt.yaml"
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    monkeypatch.chdir(ROOT)
+    result = cli.invoke(app, ["eval", str(recipe), "--set", "data.max_eval_examples=80"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert scored["examples"] == 80 and scored["accuracy"] > 0.62, scored

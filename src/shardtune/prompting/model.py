@@ -35,6 +35,14 @@ class PromptModel(torch.nn.Module):
         # skipping the other positions' vocabulary projection saves ~20% of a small model's work.
         self.last_only = family == "causal_lm" and "logits_to_keep" in inspect.signature(base.forward).parameters
 
+    def place_own(self, device) -> None:
+        """Move this module's own tensors (soft tokens, word tables) but not the LM, whose
+        quantised weights were placed on their device when loaded."""
+        for name, buffer in self.named_buffers(recurse=False):
+            setattr(self, name, buffer.to(device))
+        if self.soft_tokens is not None:
+            self.soft_tokens.data = self.soft_tokens.data.to(device)
+
     @property
     def config(self):
         return self.lm.config

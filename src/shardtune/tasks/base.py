@@ -35,6 +35,18 @@ def readable(rows: list[Row], read) -> list:
     return values
 
 
+def class_labels(rows: list[Row], read, column: str) -> list[str]:
+    """The distinct labels of the training rows, numbers in numeric order ("2" < "10")."""
+    from shardtune.errors import DataError
+
+    found = set(readable(rows, read))
+    if len(found) < 2:
+        raise DataError(f"the training data has {len(found)} distinct label(s) in column '{column}'; "
+                        "classification needs at least two")
+    return sorted(found, key=lambda label: (0, float(label), "") if label.lstrip("-").replace(".", "", 1).isdigit()
+                  else (1, 0.0, label))
+
+
 def label_head_config(labels: list[str]) -> dict:
     """The from_pretrained/config arguments of a head with one output per label."""
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),

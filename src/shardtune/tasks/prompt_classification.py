@@ -26,8 +26,7 @@ from shardtune.prompting import family_of_config
 from shardtune.prompting import template as tpl
 from shardtune.prompting import verbalizer as vb
 from shardtune.prompting.model import PromptModel, load_soft_tokens
-from shardtune.tasks.base import Example, readable
-from shardtune.tasks.sequence_classification import _natural_key
+from shardtune.tasks.base import Example, class_labels
 
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
                  "seq2seq": AutoModelForSeq2SeqLM}
@@ -90,11 +89,7 @@ class PromptClassification:
     def fit_labels(self, train_rows: list[Row]) -> None:
         if self.labels is not None:
             return
-        found = set(readable(train_rows, self.row_label))
-        if len(found) < 2:
-            raise DataError(f"the training data has {len(found)} distinct label(s) in column '{self.label_col}'; "
-                            "classification needs at least two")
-        self.labels = sorted(found, key=_natural_key)
+        self.labels = class_labels(train_rows, self.row_label, self.label_col)
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
         model, info = MODEL_CLASSES[self.family].from_pretrained(model_path, output_loading_info=True, **load_kwargs)

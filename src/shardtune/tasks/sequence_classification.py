@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import classification_metrics, softmax
-from shardtune.tasks.base import Example, label_head_config, readable
+from shardtune.tasks.base import Example, class_labels, label_head_config
 from shardtune.tasks.text_inputs import TextInputs
 
 
@@ -45,11 +45,7 @@ class SequenceClassification:
     def fit_labels(self, train_rows: list[Row]) -> None:
         if self.labels is not None:
             return
-        found = set(readable(train_rows, self._raw_label))
-        if len(found) < 2:
-            raise DataError(f"the training data has {len(found)} distinct label(s) in column "
-                            f"'{self.label_col}'; classification needs at least two")
-        self.labels = sorted(found, key=_natural_key)
+        self.labels = class_labels(train_rows, self._raw_label, self.label_col)
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(model_path, **self._head_config(), **load_kwargs)
@@ -122,7 +118,3 @@ class SequenceClassification:
             value = int(value)
         return str(value).strip()
 
-
-def _natural_key(label: str):
-    """Numeric labels sort as numbers ("2" < "10"), others alphabetically."""
-    return (0, float(label), "") if label.lstrip("-").replace(".", "", 1).isdigit() else (1, 0.0, label)
