@@ -1,0 +1,212 @@
+"""The recipe: the user's whole interface, as a typed schema.
+
+A recipe is YAML, loaded with a safe loader and validated here before anything
+starts. Unknown keys are errors with a did-you-mean; cross-field rules
+(`check_rules`) run before any worker starts. Loading never imports or runs
+code named in the recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from shardtune import compat
+from shardtune.errors import RecipeError
+from shardtune.recipe.messages import _did_you_mean, _explain
+from shardtune.recipe.sections import *  # noqa: F403  (the schema, re-exported: shardtune.recipe.X)
+from shardtune.recipe.sections import (DATA_FORMATS, TASK_FORMATS, TASK_ROLES, Recipe)
+from shardtune.sources import resolve_local
+
+
+# ----------------------------------------------------------------- loading & rules
+def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    """`train.epochs=1` -> (['train', 'epochs'], 1); values are YAML scalars/lists."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override '{pair}' is not of the form section.key=value "
+                              "(e.g. train.epochs=1)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override '{pair}': value is not valid YAML ({exc.problem})") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, pairs: list[str]) -> dict:
+    for path, value in parse_overrides(pairs):
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise RecipeError(f"override '{'.'.join(path)}': '{where}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_raw(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise RecipeError(f"not valid YAML{line}: {getattr(exc, 'problem', exc)}", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe is a mapping of sections (model, data, train, ...)", where=str(path))
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
+    """Load, override, validate and check cross-field rules. Raises RecipeError."""
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return validate_recipe(raw, where=str(path), check_files=check_files)
+
+
+def validate_recipe(raw: dict, *, where: str = "recipe", check_files: bool = True) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError([_explain(err) for err in exc.errors()], where=where) from None
+    problems = check_rules(recipe, check_files=check_files)
+    if problems:
+        raise RecipeError(problems, where=where)
+    return absolute_paths(recipe)
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """Pin relative paths to the directory the recipe was loaded from (the current one).
+
+    Ray workers run in their own working directories, and a saved run must find its base
+    model from anywhere. Hub ids and package: paths are left as written: those resolve
+    on each node.
+    """
+    def pin(spec: str) -> str:
+        if spec.startswith("package:"):
+            return spec
+        local = resolve_local(spec)
+        return str(local) if local is not None else spec
+
+    recipe.model.path = pin(recipe.model.path)
+    recipe.data.train.path = pin(recipe.data.train.path)
+    if recipe.data.validation is not None:
+        recipe.data.validation.path = pin(recipe.data.validation.path)
+    recipe.output.dir = str(Path(recipe.output.dir).expanduser().resolve())
+    return recipe
+
+
+def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
+    """Cross-field rules, each with the fix. Empty list: the recipe can run."""
+    problems: list[str] = []
+    sh, cl, tr = recipe.sharding, recipe.cluster, recipe.train
+
+    if sh.offload_params and sh.zero_stage != 3:
+        problems.append(f"sharding.offload_params needs sharding.zero_stage: 3 (got {sh.zero_stage}); "
+                        "set zero_stage: 3 or offload_params: false")
+    if sh.offload_optimizer and sh.zero_stage == 0:
+        problems.append("sharding.offload_optimizer needs ZeRO stage 1, 2 or 3; set sharding.zero_stage: 2")
+    if sh.precision == "fp16" and cl.gpus_per_worker == 0:
+        problems.append("sharding.precision: fp16 needs GPUs (cluster.gpus_per_worker > 0); "
+                        "use fp32 or bf16 on CPU")
+    problems += compat.recipe_problems(recipe)
+    q = recipe.quantization
+    if q.mode == "int8" and (q.double_quant or q.compute_dtype or q.storage_dtype):
+        problems.append("quantization.double_quant, compute_dtype and storage_dtype apply to 4-bit modes (nf4, fp4); "
+                        "remove them for int8")
+    if q.mode != "none" and "float16" in (q.compute_dtype, recipe.model.dtype) and cl.gpus_per_worker == 0:
+        problems.append("float16 (model.dtype or quantization.compute_dtype) needs GPUs; use float32 or bfloat16 on CPU")
+    if recipe.adapter.method == "none" and recipe.adapter.modules_to_save:
+        problems.append("adapter.modules_to_save applies to adapters; with method: none every weight "
+                        "trains already, so remove it")
+    if recipe.model.gguf_file and recipe.task.type not in ("causal_lm", "prompt_classification"):
+        problems.append("model.gguf_file: GGUF files hold causal language models; use task.type: causal_lm "
+                        "(or prompt_classification) or a transformers model directory")
+    if (recipe.model.gguf_file and recipe.task.type == "prompt_classification"
+            and recipe.task.family not in ("auto", "causal_lm")):
+        problems.append(f"task.family {recipe.task.family}: GGUF files hold causal language models; "
+                        "use family: causal_lm (or auto)")
+    if recipe.data.augment is not None:
+        if recipe.task.type == "causal_lm":
+            problems.append("data.augment: augmentation is for classification, regression, tagging and QA; "
+                            "remove it for causal_lm")
+        elif recipe.data.augment.synonym_replace and check_files:
+            from shardtune.data.augment import wordnet_missing
+
+            if (missing := wordnet_missing()) is not None:
+                problems.append(f"data.augment.synonym_replace: {missing}")
+    if tr.warmup_steps is not None and tr.max_steps is not None and tr.warmup_steps >= tr.max_steps:
+        problems.append(f"train.warmup_steps ({tr.warmup_steps}) must be below train.max_steps ({tr.max_steps})")
+
+    if recipe.data.few_shot_per_class and recipe.task.type not in ("sequence_classification", "prompt_classification"):
+        problems.append("data.few_shot_per_class draws rows per label: it applies to sequence_classification and "
+                        "prompt_classification; remove it")
+    task_roles = set(TASK_ROLES[recipe.task.type])
+    if recipe.task.type == "prompt_classification":
+        from shardtune.prompting.template import fields, parse
+
+        task_roles |= {f for t in recipe.task.templates for f in fields(parse(t))}
+        if recipe.adapter.method == "frozen" and not recipe.task.has_soft_tokens():
+            problems.append("adapter.method frozen trains only the templates' {soft} tokens, and no template has "
+                            "one: nothing would train. Add soft tokens (e.g. '{soft:4} {text} {mask}'), or choose "
+                            "an adapter (lora, prompt_tuning, ...)")
+    for role in recipe.data.columns:
+        if role not in task_roles:
+            problems.append(f"data.columns.{role}: not a column role of task {recipe.task.type}"
+                            f"{_did_you_mean(role, task_roles)}; roles are {sorted(task_roles)}")
+
+    sources = [("data.train", recipe.data.train)]
+    if recipe.data.validation is not None:
+        sources.append(("data.validation", recipe.data.validation))
+    for name, src in sources:
+        fmt = src.resolved_format
+        if fmt in TASK_FORMATS and recipe.task.type not in TASK_FORMATS[fmt]:
+            problems.append(f"{name}.format: {fmt} files hold data for {' or '.join(sorted(TASK_FORMATS[fmt]))}, "
+                            f"not task.type {recipe.task.type}")
+        if not fmt:
+            problems.append(f"{name}.format: cannot tell the format of '{src.path}' from its suffix; "
+                            f"set format to one of {list(DATA_FORMATS)}")
+        if fmt in ("csv", "tsv") and not src.header and not src.column_names:
+            problems.append(f"{name}.column_names: '{src.path}' has no header row, so name its columns "
+                            "(e.g. column_names: [label, sentence])")
+        if check_files:
+            problems += _check_exists(name + ".path", src.path, want_dir=(fmt == "textdir"))
+
+    if check_files:
+        try:
+            local = resolve_local(recipe.model.path)
+        except RecipeError as exc:
+            problems.append(f"model.path: {exc.problems[0]}")
+        else:
+            if local is not None and not local.exists():
+                problems.append(f"model.path: '{recipe.model.path}' does not exist; give a local model "
+                                "directory, a hub id, or package:NAME/PATH")
+            if local is not None and recipe.model.gguf_file and not (local / recipe.model.gguf_file).is_file():
+                problems.append(f"model.gguf_file: '{recipe.model.gguf_file}' is not a file in {local}")
+    return problems
+
+
+def _check_exists(field: str, spec: str, *, want_dir: bool) -> list[str]:
+    try:
+        path = resolve_local(spec)
+    except RecipeError as exc:
+        return [f"{field}: {exc.problems[0]}"]
+    if path is None or not path.exists():
+        return [f"{field}: '{spec}' does not exist (relative paths are read from the current "
+                f"directory, {Path.cwd()})"]
+    if want_dir and not path.is_dir():
+        return [f"{field}: format textdir needs a folder with one sub-folder per label; '{spec}' is a file"]
+    if not want_dir and path.is_dir():
+        return [f"{field}: '{spec}' is a folder; name a file, or set format: textdir"]
+    return []

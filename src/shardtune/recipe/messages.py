@@ -1,0 +1,109 @@
+"""Pydantic's validation errors turned into messages that name the field path, the value,
+the field's meaning and, for unknown keys, the closest valid key."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel
+
+from shardtune.recipe.sections import (ADAPTER_METHODS, TASK_TYPES, FrozenBackbone, FullFineTuning, IA3Adapter,
+                                       LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter, PTuningAdapter, Recipe,
+                                       TaskSection)
+
+
+def _explain(err: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    # Discriminated unions put the tag in the location (task.sequence_classification.labels);
+    # the tag picks the member class whose fields the message lists.
+    tags = {p: i for i, p in enumerate(loc) if p in TASK_TYPES or (p in ADAPTER_METHODS and i == 1)}
+    member = {loc[i - 1]: p for p, i in tags.items()}
+    loc = [p for i, p in enumerate(loc) if i not in tags.values()]
+    dotted = ".".join(loc)
+    kind = err["type"]
+    if kind == "adapter_method":
+        method = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
+        return (f"adapter.method: unknown method {method!r}{_did_you_mean(str(method), ADAPTER_METHODS)}; "
+                f"one of {ADAPTER_METHODS}")
+    if kind == "extra_forbidden":
+        parent_fields = _fields_at(loc[:-1], member)
+        hint = _did_you_mean(loc[-1], parent_fields)
+        if not hint and loc[:1] == ["adapter"]:
+            owners = [m for m, c in MEMBERS["adapter"].items() if loc[-1] in c.model_fields]
+            hint = (f" for adapter.method {member.get('adapter')} (it is a key of {', '.join(owners)}; to switch "
+                    f"methods in an override, replace the section: adapter='{{method: {member.get('adapter')}}}')"
+                    if owners else "")
+        where = ".".join(loc[:-1]) or "the recipe"
+        allowed = f"; keys of {where}: {', '.join(sorted(parent_fields))}" if parent_fields else ""
+        return f"{dotted}: unknown key{hint}{allowed}"
+    if kind == "missing":
+        return f"{dotted}: required; {_describe(loc, member) or 'add it'}"
+    if kind == "union_tag_invalid":
+        return f"{dotted}.type: unknown task type {err.get('input', {}).get('type')!r}; one of {TASK_TYPES}"
+    if kind == "union_tag_not_found":
+        return f"{dotted}.type: required; one of {TASK_TYPES}"
+    got = err.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    desc = _describe(loc, member)
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{dotted}: {msg}{got_text}" + (f"; {dotted} is the {desc}" if desc else "")
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_class(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _model_class(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_class(arg)
+            if found is not None:
+                return found
+    return None
+
+
+MEMBERS = {"adapter": {"lora": LoraAdapter, "ia3": IA3Adapter, "prompt_tuning": PromptTuningAdapter,
+                       "prefix_tuning": PrefixTuningAdapter, "p_tuning": PTuningAdapter, "frozen": FrozenBackbone,
+                       "none": FullFineTuning}}
+
+
+def _field_at(loc: list[str], member: dict | None = None):
+    cls: type[BaseModel] | None = Recipe
+    field = None
+    for part in loc:
+        if cls is None or part not in cls.model_fields:
+            return None, None
+        field = cls.model_fields[part]
+        chosen = (member or {}).get(part)
+        cls = MEMBERS.get(part, {}).get(chosen) if chosen in MEMBERS.get(part, {}) else _model_class(field.annotation)
+        if chosen in TASK_TYPES:
+            cls = _task_class(chosen)
+    return field, cls
+
+
+def _task_class(task_type: str):
+    for arg in typing.get_args(typing.get_args(TaskSection)[0]):
+        if arg.model_fields["type"].annotation == Literal[task_type]:
+            return arg
+    return None
+
+
+def _fields_at(loc: list[str], member: dict | None = None) -> list[str]:
+    if not loc:
+        return list(Recipe.model_fields)
+    _, cls = _field_at(loc, member)
+    return list(cls.model_fields) if cls else []
+
+
+def _describe(loc: list[str], member: dict | None = None) -> str:
+    field, _ = _field_at(loc, member)
+    return (field.description or "") if field else ""
