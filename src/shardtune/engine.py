@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from shardtune import backbone, export, quantization
 from shardtune.adapters import apply_adapter, is_peft, optimizer_groups
-from shardtune.data import read_rows, sample, split_train_validation
+from shardtune.data import few_shot, read_rows, sample, split_train_validation
 from shardtune.errors import DataError, RecipeError
 from shardtune.recipe import Recipe
 from shardtune.sharding import deepspeed_config, prepare_deepspeed
@@ -81,7 +81,7 @@ def load_data(recipe: Recipe, task, tokenizer) -> Data:
         train_rows, val_rows = split_train_validation(train_rows, recipe.data.validation_split,
                                                       recipe.train.seed)
     if recipe.data.few_shot_per_class:
-        train_rows = few_shot(train_rows, recipe.data.few_shot_per_class, task, recipe.train.seed)
+        train_rows = few_shot(train_rows, recipe.data.few_shot_per_class, task.row_label, recipe.train.seed)
     train_rows = sample(train_rows, recipe.data.max_train_examples, recipe.train.seed)
     val_rows = sample(val_rows, recipe.data.max_eval_examples, recipe.train.seed)
     task.fit_labels(train_rows)
@@ -92,25 +92,6 @@ def load_data(recipe: Recipe, task, tokenizer) -> Data:
     skipped = {"train": len(bad_train or []), "validation": len(bad_val or [])}
     return Data(train_rows, val_rows, task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer),
                 skipped, ((bad_train or []) + (bad_val or []))[:5])
-
-
-def few_shot(rows: list, k: int, task, seed: int) -> list:
-    """A seeded draw of k rows per label (data.few_shot_per_class), in the file's order."""
-    import random
-
-    by_label: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        try:
-            by_label.setdefault(task.row_label(row), []).append(i)
-        except DataError:
-            pass  # an unreadable row is reported (or skipped) when encoded, if drawn
-    short = {label: len(ids) for label, ids in by_label.items() if len(ids) < k}
-    if short:
-        raise DataError(f"data.few_shot_per_class is {k}, but label(s) have fewer training rows: {short}; "
-                        "lower few_shot_per_class")
-    rng = random.Random(seed)
-    chosen = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], k))
-    return [rows[i] for i in chosen]
 
 
 def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_targets: bool = True) -> list:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shardtune.data import Row
-from shardtune.engine import few_shot
+from shardtune.data import few_shot
 from shardtune.errors import DataError, RecipeError
 from shardtune.prompting import template as tpl
 from shardtune.prompting import verbalizer as vb
@@ -201,12 +201,12 @@ def test_candidates_are_whole_words_spelled_as_one_token(tiny_llama):
 def test_few_shot_draws_k_rows_per_label_seeded(tiny_recipe):
     task = get_task(validate_recipe(tiny_recipe))
     rows = [Row({"text": f"t{i}", "label": "pos" if i % 3 else "neg"}, f"r:{i}") for i in range(60)]
-    drawn = few_shot(rows, 4, task, seed=1)
+    drawn = few_shot(rows, 4, task.row_label, seed=1)
     assert sorted(r.get("label") for r in drawn) == ["neg"] * 4 + ["pos"] * 4
-    assert [r.where for r in drawn] == [r.where for r in few_shot(rows, 4, task, seed=1)]
-    assert [r.where for r in drawn] != [r.where for r in few_shot(rows, 4, task, seed=2)]
+    assert [r.where for r in drawn] == [r.where for r in few_shot(rows, 4, task.row_label, seed=1)]
+    assert [r.where for r in drawn] != [r.where for r in few_shot(rows, 4, task.row_label, seed=2)]
     with pytest.raises(DataError, match=r"fewer training rows: \{'neg': 20\}"):
-        few_shot(rows, 21, task, seed=1)
+        few_shot(rows, 21, task.row_label, seed=1)
 
 
 # ---------------------------------------------------------------------------- refusals
