@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from shardtune.recipe import load_raw
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SST2, MRPC = ROOT / "recipes" / "smollm2_sst2_prompt.yaml", ROOT / "recipes" / "smollm2_mrpc_prompt.yaml"
@@ -90,7 +92,7 @@ def head_based(recipe: Path, text_columns: dict) -> list[str]:
 
 
 def few_shot() -> dict:
-    first = json.dumps(["Review: {sentence}\nSentiment: {mask}"])
+    first = json.dumps(load_raw(SST2)["task"]["templates"][:1])  # the recipe's first template alone
     return {
         "sst2_prompt_lora": train("fewshot-sst2-prompt", SST2, [f"task.templates={first}"]),
         "sst2_head_lora": train("fewshot-sst2-head", SST2, head_based(SST2, {"text": "sentence"})),
@@ -101,7 +103,7 @@ def few_shot() -> dict:
 
 
 def soft() -> dict:
-    first = json.dumps(["Review: {sentence}\nSentiment: {mask}"])
+    first = json.dumps(load_raw(SST2)["task"]["templates"][:1])  # the recipe's first template alone
     budget = [f"task.templates={first}", "data.few_shot_per_class=null", "data.max_train_examples=1000",
               "train.epochs=1", "train.micro_batch_size=8", "train.log_every_steps=10"]
     return {
@@ -117,8 +119,6 @@ def main() -> None:
     args = parser.parse_args()
     path = RESULTS / "prompts.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    from shardtune.recipe import load_raw
-
     for experiment in args.experiments:
         print(f"running {experiment} ...", flush=True)
         if experiment == "zero_shot":

@@ -291,14 +291,14 @@ def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_tar
 
     if data is not None and not data.exists():
         raise DataError(f"data file '{data}' does not exist")
+    if data is None and not run_dir.is_file():
+        raise DataError("give --data: the file to score (a recipe's validation split is the default only "
+                        "when a recipe is given)")
     loaded = _load(run_dir, overrides or [])
     if data is None:
-        if not run_dir.is_file():
-            raise DataError("give --data: the file to score (a recipe's validation split is the default only "
-                            "when a recipe is given)")
         from shardtune.engine import load_data
 
-        return loaded, load_data(loaded.recipe, loaded.task, loaded.tokenizer).val_rows
+        return loaded, load_data(loaded.recipe, loaded.task, loaded.tokenizer, encode=False).val_rows
     source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
     if fmt is None and source.resolved_format == "":
         source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})

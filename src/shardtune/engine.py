@@ -68,9 +68,10 @@ class Data:
     problems: list  # the first few of those rows' problems, for the log
 
 
-def load_data(recipe: Recipe, task, tokenizer) -> Data:
+def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
     """Read, split, sample and tokenise, and fix the task's labels from the training rows.
-    Same result on every rank (all seeded)."""
+    Same result on every rank (all seeded). encode=False: the rows only (zero-shot
+    inference tokenises just what it scores)."""
     skip = recipe.data.on_bad_row == "skip"
     bad_train: list[str] | None = [] if skip else None
     bad_val: list[str] | None = [] if skip else None
@@ -90,8 +91,8 @@ def load_data(recipe: Recipe, task, tokenizer) -> Data:
         val_rows = drop_bad_rows(val_rows, task, tokenizer, bad_val,
                                  (recipe.data.validation or recipe.data.train).path)
     skipped = {"train": len(bad_train or []), "validation": len(bad_val or [])}
-    return Data(train_rows, val_rows, task.encode(train_rows, tokenizer), task.encode(val_rows, tokenizer),
-                skipped, ((bad_train or []) + (bad_val or []))[:5])
+    examples = [task.encode(rows, tokenizer) if encode else [] for rows in (train_rows, val_rows)]
+    return Data(train_rows, val_rows, *examples, skipped, ((bad_train or []) + (bad_val or []))[:5])
 
 
 def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_targets: bool = True) -> list:

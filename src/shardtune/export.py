@@ -136,11 +136,12 @@ def load_zero_shot(recipe) -> LoadedRun:
     tokenizer = load_tokenizer(recipe)
     task.check(tokenizer)
     model = load_model(recipe, task, tokenizer)
-    if recipe.task.verbalizer == "auto" or task.labels is None:
+    if task.verbalizer is None:  # verbalizer: auto
         from shardtune.engine import load_data
 
-        data = load_data(recipe, task, tokenizer)
-        task.fit_verbalizer(model, tokenizer, data.train_examples, torch.device("cpu"))
+        rows = load_data(recipe, task, tokenizer, encode=False).train_rows
+        examples = task.encode(rows[:recipe.task.auto_verbalizer.max_examples], tokenizer)
+        task.fit_verbalizer(model, tokenizer, examples, torch.device("cpu"))
     model = task.wrap(model, tokenizer).eval()
     return LoadedRun(recipe, task, tokenizer, model)
 
@@ -169,7 +170,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise RunError(f"'{out_dir}' already exists and is not empty; choose a new --out folder")
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     method = recipe.adapter.method
-    if recipe.task.type == "prompt_classification" and (recipe.task.has_soft_tokens() or method == "frozen"):
+    if recipe.task.type == "prompt_classification" and recipe.task.has_soft_tokens():  # always so for frozen
         raise RunError("this run's templates have trained {soft} tokens, which live outside the model's weights; "
                        f"load it with `shardtune eval/predict {run_dir}` instead of merging")
     if method in SOFT_PROMPT_METHODS:

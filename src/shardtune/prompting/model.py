@@ -21,14 +21,18 @@ SOFT_TOKENS_FILE = "soft_tokens.safetensors"
 
 
 class PromptModel(torch.nn.Module):
-    def __init__(self, lm: torch.nn.Module, family: str, words: WordTable, n_templates: int,
+    def __init__(self, lm: torch.nn.Module, family: str, words: WordTable | None, n_templates: int,
                  soft_init: torch.Tensor | None, save_lm: bool = True):
+        """words: None before an automatic verbalizer has chosen them (the model then gives
+        only slot distributions)."""
         super().__init__()
         self.lm, self.family, self.n_templates, self.save_lm = lm, family, n_templates, save_lm
-        self.register_buffer("word_ids", words.ids, persistent=False)
-        self.register_buffer("word_mask", words.mask, persistent=False)
-        self.register_buffer("word_label", words.word_label, persistent=False)
-        self.n_labels = words.n_labels
+        self.has_words = words is not None
+        if words is not None:
+            self.register_buffer("word_ids", words.ids, persistent=False)
+            self.register_buffer("word_mask", words.mask, persistent=False)
+            self.register_buffer("word_label", words.word_label, persistent=False)
+            self.n_labels = words.n_labels
         self.soft_tokens = torch.nn.Parameter(soft_init) if soft_init is not None else None
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         # A causal LM needs only the last position's logits (the slot, inputs are left-padded):
@@ -42,10 +46,6 @@ class PromptModel(torch.nn.Module):
             setattr(self, name, buffer.to(device))
         if self.soft_tokens is not None:
             self.soft_tokens.data = self.soft_tokens.data.to(device)
-
-    @property
-    def config(self):
-        return self.lm.config
 
     def forward(self, input_ids, attention_mask, soft_index, template, slot=None, decoder_input_ids=None,
                 labels=None, slot_distribution: bool = False):
@@ -66,7 +66,7 @@ class PromptModel(torch.nn.Module):
         else:
             logits = logits[:, -1]
         slot_lp = logits.float().log_softmax(-1)
-        if slot_distribution:  # the whole vocabulary (the automatic verbalizer reads this)
+        if slot_distribution or not self.has_words:  # the whole vocabulary (the automatic verbalizer reads it)
             return ModelOutput(logits=slot_lp)
         scores = label_log_probs(slot_lp, self.word_ids[template], self.word_mask[template], self.word_label,
                                  self.n_labels).view(-1, self.n_templates, self.n_labels)

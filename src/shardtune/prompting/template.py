@@ -78,11 +78,6 @@ def fields(pieces: list[Piece]) -> list[str]:
     return list(dict.fromkeys(p.value for p in pieces if p.kind == "field"))
 
 
-def soft_lengths(pieces: list[Piece], tokenizer) -> list[int]:
-    """Tokens in each soft run of the template."""
-    return [p.count or len(word_ids(tokenizer, p.value)) for p in pieces if p.kind == "soft"]
-
-
 def mask_ends(pieces: list[Piece]) -> bool:
     after = pieces[pieces.index(Piece("mask")) + 1:]
     return all(p.kind == "text" and not p.value.strip() for p in after)
@@ -113,11 +108,10 @@ class TemplateRenderer:
         self.pieces, self.tokenizer, self.family, self.max_length = pieces, tokenizer, family, max_length
         self.chat, self.decoder_start = chat, decoder_start
         self.space = space_before_mask(pieces) and family != "masked_lm" and not chat
-        lengths = iter(soft_lengths(pieces, tokenizer))
         self.soft_runs = []  # per soft piece: its table indices
         for piece in pieces:
-            if piece.kind == "soft":
-                n = next(lengths)
+            if piece.kind == "soft":  # {soft:N}: N tokens; {soft:words}: one per token of the words
+                n = piece.count or len(word_ids(tokenizer, piece.value))
                 self.soft_runs.append(list(range(soft_start, soft_start + n)))
                 soft_start += n
         self.prefix, self.suffix = self._frame()

@@ -261,7 +261,9 @@ class PromptClassificationTask(Section):
         return self
 
     def has_soft_tokens(self) -> bool:
-        return any("{soft" in t.replace(" ", "") for t in self.templates)
+        from shardtune.prompting.template import parse
+
+        return any(piece.kind == "soft" for t in self.templates for piece in parse(t))
 
 
 TaskSection = Annotated[Union[SequenceClassificationTask, SequenceRegressionTask, TokenClassificationTask,

@@ -35,6 +35,19 @@ def readable(rows: list[Row], read) -> list:
     return values
 
 
+def read_label(row: Row, column: str) -> str:
+    """A row's class label as text (a float like 1.0 read as "1"); DataError naming the row."""
+    from shardtune.errors import DataError
+
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{row.where}: no label in column '{column}' (columns: {sorted(row.values)}); "
+                        "map it with data.columns.label")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
 def class_labels(rows: list[Row], read, column: str) -> list[str]:
     """The distinct labels of the training rows, numbers in numeric order ("2" < "10")."""
     from shardtune.errors import DataError
@@ -54,6 +67,12 @@ def label_head_config(labels: list[str]) -> dict:
 
 
 class Task(Protocol):
+    """What every task has. Optional hooks, looked up with hasattr where they are used:
+    row_label(row) (few-shot draws; classification tasks), check(tokenizer) (rules that need
+    the tokenizer, run in preflight), fit_verbalizer(...) (before the adapter is applied),
+    wrap(model, tokenizer, saved=None) (a module around the adapted model: prompt tasks),
+    before_forward(model, tokenizer, device) (once before each evaluation pass)."""
+
     #: peft TaskType name: decides which wrapper peft puts around the backbone
     peft_task_type: str
 

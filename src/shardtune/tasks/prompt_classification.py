@@ -26,7 +26,7 @@ from shardtune.prompting import family_of_config
 from shardtune.prompting import template as tpl
 from shardtune.prompting import verbalizer as vb
 from shardtune.prompting.model import PromptModel, load_soft_tokens
-from shardtune.tasks.base import Example, class_labels
+from shardtune.tasks.base import Example, class_labels, read_label
 
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
                  "seq2seq": AutoModelForSeq2SeqLM}
@@ -71,14 +71,13 @@ class PromptClassification:
             problems.append("task.chat: the tokenizer has no chat template; set chat: false")
         if self.options.chat and self.family != "causal_lm":
             problems.append("task.chat: chat templates are for causal LMs; set chat: false")
+        if problems:  # the renderers below cannot be built for these
+            raise RecipeError(problems)
         if self.verbalizer:
-            for i, renderer_space in enumerate(self._spaces()):
-                for label, words in self.verbalizer.items():
-                    for word in words:
-                        why = vb.unencodable(tokenizer, word, renderer_space)
-                        if why:
-                            problems.append(f"task.verbalizer.{label}: label word '{word}' {why}; choose another word")
-                break  # the first template's spelling is what the message needs
+            problems += list(dict.fromkeys(  # one message per word, whichever templates spell it badly
+                f"task.verbalizer.{label}: label word '{word}' {why}; choose another word"
+                for space in self._spaces(tokenizer) for label, words in self.verbalizer.items() for word in words
+                if (why := vb.unencodable(tokenizer, word, space))))
         for i, pieces in enumerate(self.templates):
             for piece in pieces:
                 if piece.kind == "soft" and piece.value and (why := vb.unencodable(tokenizer, piece.value, False)):
@@ -107,8 +106,9 @@ class PromptClassification:
         return []  # the LM's own output layer scores the label words: no new head
 
     def soft_token_count(self, tokenizer) -> int:
-        counts = [sum(tpl.soft_lengths(p, tokenizer)) for p in self.templates]
-        return max(counts) if self.options.share_soft_tokens else sum(counts)
+        """Rows of the soft-token table: the renderers number them (from 0 in every template
+        when shared, consecutively otherwise)."""
+        return 1 + max((i for r in self.renderers(tokenizer) for run in r.soft_runs for i in run), default=-1)
 
     def wrap(self, model: torch.nn.Module, tokenizer, saved: str | None = None) -> PromptModel:
         """The trainable prompt model around the (adapted) LM; `saved`: a run's folder holding
@@ -116,9 +116,9 @@ class PromptClassification:
         soft = load_soft_tokens(saved) if saved else None
         if soft is None and self.soft_token_count(tokenizer):
             soft = self._initial_soft_tokens(model, tokenizer)
-        save_lm = self.recipe.adapter.method != "frozen"
-        return PromptModel(model, self.family, vb.WordTable(self.verbalizer, self.labels, tokenizer, self._spaces()),
-                           len(self.templates), soft, save_lm=save_lm)
+        words = vb.WordTable(self.verbalizer, self.labels, tokenizer, self._spaces(tokenizer)) if self.verbalizer else None
+        return PromptModel(model, self.family, words, len(self.templates), soft,
+                           save_lm=self.recipe.adapter.method != "frozen")
 
     def _initial_soft_tokens(self, model, tokenizer) -> torch.Tensor:
         """From the given words' embeddings, else from randomly drawn vocabulary embeddings
@@ -133,9 +133,9 @@ class PromptClassification:
                     table[run] = embeddings[tpl.word_ids(tokenizer, piece.value)]
         return table
 
-    def _spaces(self) -> list[bool]:
-        return [tpl.space_before_mask(p) and self.family != "masked_lm" and not self.options.chat
-                for p in self.templates]
+    def _spaces(self, tokenizer) -> list[bool]:
+        """Per template: whether its label words are spelled after a space (" positive")."""
+        return [renderer.space for renderer in self.renderers(tokenizer)]
 
     def renderers(self, tokenizer) -> list[tpl.TemplateRenderer]:
         if self._renderers is None:
@@ -216,13 +216,7 @@ class PromptClassification:
         return {k: torch.tensor(v) for k, v in batch.items()}
 
     def row_label(self, row: Row) -> str:
-        value = row.get(self.label_col)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{row.where}: no label in column '{self.label_col}' (columns: {sorted(row.values)}); "
-                            "map it with data.columns.label")
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return str(value).strip()
+        return read_label(row, self.label_col)
 
     # ------------------------------------------------ steps that need the model itself
     @torch.no_grad()
@@ -234,9 +228,7 @@ class PromptClassification:
             return
         options = self.options.auto_verbalizer
         sample = examples[:options.max_examples]
-        placeholder = {label: [tokenizer.decode([tokenizer.pad_token_id])] for label in self.labels}
-        self.verbalizer = placeholder  # the word table is not read for the slot distribution
-        prompt_model = self.wrap(model, tokenizer).to(device).eval()
+        prompt_model = self.wrap(model, tokenizer).to(device).eval()  # no words yet: slot distributions only
         sums = torch.zeros(len(self.labels), len(tokenizer), dtype=torch.float64)
         counts = torch.zeros(len(self.labels), dtype=torch.float64)
         mine = sample[rank::world]
@@ -258,7 +250,7 @@ class PromptClassification:
             raise DataError(f"task.verbalizer auto: no training examples of label(s) {missing} among the first "
                             f"{len(sample)}; raise task.auto_verbalizer.max_examples")
         class_lp = (sums / counts[:, None]).numpy()
-        space = self._spaces()[0]
+        space = self._spaces(tokenizer)[0]
         # Candidates: tokens probable under at least one class (a label word need not be
         # probable on average, only for its own class).
         candidates = vb.candidate_tokens(tokenizer, class_lp.max(0), space, options.candidates)
@@ -281,9 +273,11 @@ class PromptClassification:
     def outputs(self, model_output, batch) -> list[np.ndarray]:
         return list(model_output.logits.detach().float().cpu().numpy())  # per example: (templates, labels)
 
-    def label_log_probs(self, outputs: list[np.ndarray], targets: np.ndarray | None = None) -> np.ndarray:
+    def combined_log_probs(self, outputs: list[np.ndarray],
+                           targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated, combined label log-probabilities; learns the template weights first when
-        asked (template_weights: learned) and targets are given."""
+        asked (template_weights: learned) and targets are given. Also returns the per-template
+        (calibrated) log-probabilities."""
         lp = np.stack(outputs).astype(np.float64)
         if self.content_free is not None:
             lp = vb.calibrate(lp, self.content_free.astype(np.float64))
@@ -294,7 +288,7 @@ class PromptClassification:
 
     def metrics(self, outputs: list[np.ndarray], examples: list[Example]) -> dict[str, float]:
         targets = np.array([e.target for e in examples])
-        combined, per_template = self.label_log_probs(outputs, targets)
+        combined, per_template = self.combined_log_probs(outputs, targets)
         metrics = classification_metrics(combined, targets)
         if len(self.templates) > 1:
             for t in range(len(self.templates)):
@@ -302,10 +296,10 @@ class PromptClassification:
         return metrics
 
     def predictions(self, outputs: list[np.ndarray], examples: list[Example], rows: list[Row]) -> list[dict]:
-        combined, _ = self.label_log_probs(outputs)
+        combined, _ = self.combined_log_probs(outputs)
         records = []
         for row, lp in zip(rows, combined):
-            record = {f: v for f, v in self._values(row).items()}
+            record = dict(self._values(row))
             if row.get(self.label_col) is not None:
                 record["label"] = self.row_label(row)
             probs = np.exp(lp)

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import classification_metrics, softmax
-from shardtune.tasks.base import Example, class_labels, label_head_config
+from shardtune.tasks.base import Example, class_labels, label_head_config, read_label
 from shardtune.tasks.text_inputs import TextInputs
 
 
@@ -45,7 +45,7 @@ class SequenceClassification:
     def fit_labels(self, train_rows: list[Row]) -> None:
         if self.labels is not None:
             return
-        self.labels = class_labels(train_rows, self._raw_label, self.label_col)
+        self.labels = class_labels(train_rows, self.row_label, self.label_col)
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(model_path, **self._head_config(), **load_kwargs)
@@ -67,7 +67,7 @@ class SequenceClassification:
         targets = []
         if with_targets:
             for row in rows:
-                label = self._raw_label(row)
+                label = self.row_label(row)
                 if label not in label_ids:
                     raise DataError(f"{row.where}: label '{label}' is not one of the task's labels "
                                     f"{self.labels}; fix the row or list it in task.labels")
@@ -94,7 +94,7 @@ class SequenceClassification:
         for row, probs in zip(rows, softmax(np.stack(outputs).astype(np.float64))):
             record = self.inputs.record(row)
             if row.get(self.label_col) is not None:
-                record["label"] = self._raw_label(row)
+                record["label"] = self.row_label(row)
             record["prediction"] = self.labels[int(probs.argmax())]
             record["probabilities"] = {l: round(float(p), 6) for l, p in zip(self.labels, probs)}
             records.append(record)
@@ -107,14 +107,5 @@ class SequenceClassification:
         self.labels = list(state["labels"])
 
     def row_label(self, row: Row) -> str:
-        return self._raw_label(row)
-
-    def _raw_label(self, row: Row) -> str:
-        value = row.get(self.label_col)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{row.where}: no label in column '{self.label_col}' "
-                            f"(columns: {sorted(row.values)}); map it with data.columns.label")
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return str(value).strip()
+        return read_label(row, self.label_col)
 
