@@ -5,6 +5,8 @@ training the same LoRA set-up in one process (bench/hf_trainer.py).
     python bench/tasks.py                       # every encoder recipe (hours on 2 CPU cores)
     python bench/tasks.py stsb squad            # some of them
     python bench/tasks.py stsb --methods lora   # LoRA only (methods: lora full hf)
+    python bench/tasks.py cola --methods lora --set adapter.r=16 train.learning_rate=1e-3 \
+        --as lora_r16_lr1e-3 # a variant of the recipe, stored under its own name
 
 Writes bench/results/tasks.json, merging with earlier results (one entry per recipe and
 method), and prints the table. Floors (issue 6): SST-2 accuracy 0.87, MRPC F1 0.80,
@@ -36,14 +38,15 @@ RECIPES = {
 METHODS = {"lora": [], "full": ["adapter={method: none}", "train.learning_rate=5e-5"], "hf": []}
 
 
-def run_one(name: str, method: str) -> dict:
-    out = RESULTS / "tmp" / f"{name}-{method}"
+def run_one(name: str, method: str, overrides: list[str], label: str) -> dict:
+    out = RESULTS / "tmp" / f"{name}-{label}"
     recipe = str(ROOT / "recipes" / f"{name}.yaml")
     if method == "hf":
-        cmd = [sys.executable, str(ROOT / "bench" / "hf_trainer.py"), recipe, "--out", str(out / "metrics.json")]
+        cmd = [sys.executable, str(ROOT / "bench" / "hf_trainer.py"), recipe, *overrides,
+               "--out", str(out / "metrics.json")]
     else:
         cmd = [sys.executable, "-m", "shardtune.cli", "run", recipe, f"output.dir={out}",
-               "output.if_exists=overwrite", *METHODS[method]]
+               "output.if_exists=overwrite", *METHODS[method], *overrides]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -65,16 +68,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES) + [[]])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="recipe overrides for a variant (store it with --as)")
+    parser.add_argument("--as", dest="label", help="store the result under this name instead of the method's")
     args = parser.parse_args()
+    if args.label and len(args.methods) != 1:
+        parser.error("--as names one method's result: give exactly one --methods")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "tasks.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in args.recipes or list(RECIPES):
         for method in args.methods:
-            print(f"running {name} / {method} ...", flush=True)
-            results.setdefault(name, {})[method] = run_one(name, method)
+            label = args.label or method
+            print(f"running {name} / {label} ...", flush=True)
+            entry = run_one(name, method, args.overrides, label)
+            if args.overrides:
+                entry["overrides"] = args.overrides
+            results.setdefault(name, {})[label] = entry
             path.write_text(json.dumps(results, indent=2) + "\n")  # keep what finished
-            entry = results[name][method]
             print(f"  {entry.get('metric')}: {entry.get('value')} in {entry.get('seconds')} s"
                   if "error" not in entry else f"  failed: {entry['error'][-300:]}", flush=True)
     for name, by_method in results.items():
