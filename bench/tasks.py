@@ -6,7 +6,7 @@ training the same LoRA set-up in one process (bench/hf_trainer.py).
     python bench/tasks.py stsb squad            # some of them
     python bench/tasks.py stsb --methods lora   # LoRA only (methods: lora full hf)
     python bench/tasks.py cola --methods lora --set adapter.r=16 train.learning_rate=1e-3 \
-        --as lora_r16_lr1e-3 # a variant of the recipe, stored under its own name
+        --as lora_r16_lr1e-3                    # a variant, stored under its own name
 
 Writes bench/results/tasks.json, merging with earlier results (one entry per recipe and
 method), and prints the table. Floors (issue 6): SST-2 accuracy 0.87, MRPC F1 0.80,
@@ -74,6 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.label and len(args.methods) != 1:
         parser.error("--as names one method's result: give exactly one --methods")
+    if args.overrides and (not args.label or args.label in METHODS):
+        # Stored under a method's name, a variant would replace the shipped recipe's cell
+        # (and the lora_minus_* comparisons made from it).
+        parser.error("--set makes a variant of the recipe: name its result with --as NAME, "
+                     f"a name other than {', '.join(METHODS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "tasks.json"
     results = json.loads(path.read_text()) if path.exists() else {}
