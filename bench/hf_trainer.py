@@ -31,7 +31,7 @@ def train_with_hf_trainer(recipe_path: str, overrides: list[str]) -> dict:
 
     from shardtune import backbone
     from shardtune.adapters import apply_adapter
-    from shardtune.engine import load_data
+    from shardtune.data.pipeline import load_data
     from shardtune.export import forward_outputs
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task

@@ -56,7 +56,7 @@ def plain_loop(steps: int, threads: int) -> dict:
 
     from shardtune import backbone
     from shardtune.adapters import apply_adapter
-    from shardtune.engine import epoch_micro_batches, load_data
+    from shardtune.data.pipeline import epoch_micro_batches, load_data
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +16,24 @@ from shardtune import quantization
 from shardtune.sources import resolve_local
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Never run Python shipped inside a model, tokenizer or run folder (transformers' auto_map):
+# with the flag unset, transformers asks on a terminal, and a "y" runs it.
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
+
+@contextmanager
+def refusing_remote_code(source):
+    """Turn transformers' refusal of custom code into an error that says what to do."""
+    from shardtune.errors import RecipeError
+
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) and "custom code" not in str(exc):
+            raise
+        raise RecipeError(f"'{source}' needs custom Python code of its own (auto_map in its config.json or "
+                          "tokenizer_config.json) to load, and shardtune never runs code from a model or run "
+                          "folder; use a model whose architecture transformers supports natively") from None
 
 
 def model_location(recipe) -> str:
@@ -43,14 +62,18 @@ def gguf_cache(gguf: Path) -> Path:
     if (root / "config.json").is_file():
         return root
     building = root.with_name(f"{root.name}.building-{os.getpid()}")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with refusing_remote_code(gguf):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     **NO_REMOTE_CODE)
     # The weights are dequantised fp32 tensors by now; transformers still marks the model
     # as GGUF-quantised and refuses to save it unless the marks are dropped.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(building)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(building)
+    with refusing_remote_code(gguf):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **NO_REMOTE_CODE)
+    tokenizer.save_pretrained(building)
     (building / "tokenizer.model").unlink(missing_ok=True)  # a second copy of the GGUF, unused
     try:
         building.rename(root)
@@ -62,7 +85,7 @@ def gguf_cache(gguf: Path) -> Path:
 def load_kwargs(recipe, *, quantize: bool = True) -> dict:
     """from_pretrained arguments. quantize=False loads the backbone in full precision
     (what `shardtune merge` merges into)."""
-    kwargs: dict = {"dtype": DTYPES[recipe.model.dtype]}
+    kwargs: dict = {"dtype": DTYPES[recipe.model.dtype], **NO_REMOTE_CODE}
     config = quantization.bnb_config(recipe) if quantize else None
     if config is not None:
         kwargs["quantization_config"] = config
@@ -73,15 +96,29 @@ def load_kwargs(recipe, *, quantize: bool = True) -> dict:
 
 
 def load_tokenizer(recipe):
-    tokenizer = AutoTokenizer.from_pretrained(model_location(recipe))
+    tokenizer = load_tokenizer_from(model_location(recipe))
     if tokenizer.pad_token is None:
         # Decoder-only models often ship without a pad token; padding is masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def load_tokenizer_from(location):
+    """A tokenizer from a model folder, a hub id or a run's tokenizer/, never with its own code."""
+    with refusing_remote_code(location):
+        return AutoTokenizer.from_pretrained(location, **NO_REMOTE_CODE)
+
+
+def load_config(recipe):
+    from transformers import AutoConfig
+
+    with refusing_remote_code(recipe.model.path):
+        return AutoConfig.from_pretrained(model_location(recipe), **NO_REMOTE_CODE)
+
+
 def load_model(recipe, task, tokenizer, *, quantize: bool = True) -> torch.nn.Module:
-    model = task.build_model(model_location(recipe), load_kwargs(recipe, quantize=quantize))
+    with refusing_remote_code(recipe.model.path):
+        model = task.build_model(model_location(recipe), load_kwargs(recipe, quantize=quantize))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     quantization.guard_cpu_4bit_gradients(model)
@@ -98,19 +135,16 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def meta_model(recipe, task) -> torch.nn.Module:
     """The task model's module tree without weights (for name checks before launch)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_location(recipe))
-    with init_empty_weights():
+    config = load_config(recipe)
+    with init_empty_weights(), refusing_remote_code(recipe.model.path):
         return task.build_model_from_config(config)
 
 
 def check_prequantized(recipe) -> None:
     """Refuse a checkpoint saved already quantised under ZeRO-3 (see compat.py), from its config."""
-    from transformers import AutoConfig
-
     from shardtune.compat import PREQUANTIZED_ZERO3
     from shardtune.errors import RecipeError
 
-    if recipe.sharding.zero_stage == 3 and quantization.prequantized(AutoConfig.from_pretrained(model_location(recipe))):
+    if recipe.sharding.zero_stage == 3 and quantization.prequantized(load_config(recipe)):
         raise RecipeError(f"model.path {recipe.model.path} with sharding.zero_stage 3: {PREQUANTIZED_ZERO3[1]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from shardtune.errors import ShardtuneError
+from shardtune.errors import RunError, ShardtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed, parameter-efficient fine-tuning from one YAML recipe.")
@@ -23,29 +25,49 @@ OverridesArg = typer.Argument(None, help="overrides: section.key=value ...", sho
 
 
 def _fail(exc: ShardtuneError) -> None:
-    err.print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True, soft_wrap=True)
+    # Messages quote rows, paths and library errors: never read them as rich markup.
+    err.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
+def _command(fn):
+    """The one error handler of every command: a user error is printed without a traceback
+    and exits non-zero; Ctrl-C outside training (which handles its own) exits 130; a full
+    disk or a refused write names the path and errno."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ShardtuneError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/] (Ctrl-C); nothing was written", highlight=False)
+            raise typer.Exit(130) from None
+        except OSError as exc:
+            from shardtune.rundir import describe_os_error
+
+            _fail(RunError(describe_os_error(exc)))
+    return wrapper
+
+
 @app.command()
+@_command
 def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a recipe without starting anything; print it as resolved."""
     from shardtune.recipe import load_recipe
 
-    try:
-        resolved = load_recipe(recipe, overrides or [])
-        if resolved.task.type == "prompt_classification":  # label words need the tokenizer
-            from shardtune.backbone import load_tokenizer
-            from shardtune.tasks import get_task
+    resolved = load_recipe(recipe, overrides or [])
+    if resolved.task.type == "prompt_classification":  # label words need the tokenizer
+        from shardtune.backbone import load_tokenizer
+        from shardtune.tasks import get_task
 
-            get_task(resolved).check(load_tokenizer(resolved))
-    except ShardtuneError as exc:
-        _fail(exc)
+        get_task(resolved).check(load_tokenizer(resolved))
     sys.stdout.write(resolved.to_yaml())
-    err.print(f"[green]ok:[/] {recipe} is valid")
+    err.print(f"[green]ok:[/] {escape(str(recipe))} is valid")
 
 
 @app.command()
+@_command
 def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
         address: Optional[str] = typer.Option(None, help="Ray cluster address to attach to "
                                                          "(default: the recipe's, else an embedded cluster)"),
@@ -55,13 +77,10 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
     """Validate a recipe and train it on Ray + DeepSpeed."""
     from shardtune.recipe import load_recipe
 
-    try:
-        resolved = load_recipe(recipe, overrides or [])
-        from shardtune.orchestrate import run as run_recipe
+    resolved = load_recipe(recipe, overrides or [])
+    from shardtune.orchestrate import run as run_recipe
 
-        result = run_recipe(resolved, address=address, resume=resume)
-    except ShardtuneError as exc:
-        _fail(exc)
+    result = run_recipe(resolved, address=address, resume=resume)
     _print_summary(result)
 
 
@@ -70,6 +89,7 @@ RunOrRecipeArg = typer.Argument(..., help="a finished run's output directory, or
 
 
 @app.command("eval")
+@_command
 def evaluate(run_dir: Path = RunOrRecipeArg,
              data: Optional[Path] = typer.Option(None, help="file in the same format and columns as the training "
                                                            "data; default for a recipe: its validation split"),
@@ -77,16 +97,14 @@ def evaluate(run_dir: Path = RunOrRecipeArg,
              overrides: Optional[list[str]] = typer.Option(None, "--set", help="recipe override KEY=VALUE (zero-shot)"),
              batch_size: int = typer.Option(32, min=1)) -> None:
     """Score a trained run, or a prompt recipe zero-shot, on a file; print the metrics as JSON."""
-    try:
-        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=True,
-                                                 overrides=overrides or [])
-    except ShardtuneError as exc:
-        _fail(exc)
+    loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=True,
+                                             overrides=overrides or [])
     metrics = loaded.task.metrics(outputs, examples)
     print(json.dumps({"data": str(data or "validation split"), "examples": len(examples), **metrics}, indent=2))
 
 
 @app.command()
+@_command
 def predict(run_dir: Path = RunOrRecipeArg,
             data: Path = typer.Option(..., help="file of inputs in the run's data format (labels optional)"),
             out_file: Path = typer.Option(..., "--out", help="where to write one JSON prediction per line"),
@@ -94,16 +112,13 @@ def predict(run_dir: Path = RunOrRecipeArg,
             overrides: Optional[list[str]] = typer.Option(None, "--set", help="recipe override KEY=VALUE (zero-shot)"),
             batch_size: int = typer.Option(32, min=1)) -> None:
     """Write one prediction per input row as JSON lines."""
-    try:
-        if _generates(run_dir):  # language models: predict means generate
-            loaded, rows = _load_rows(run_dir, data, format)
-            records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, batch_size=batch_size)
-        else:
-            loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False,
-                                                     overrides=overrides or [])
-            records = loaded.task.predictions(outputs, examples, rows)
-    except ShardtuneError as exc:
-        _fail(exc)
+    if _generates(run_dir):  # language models: predict means generate
+        loaded, rows = _load_rows(run_dir, data, format)
+        records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, batch_size=batch_size)
+    else:
+        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False,
+                                                 overrides=overrides or [])
+        records = loaded.task.predictions(outputs, examples, rows)
     # Write to a temporary name first: an interrupted predict leaves no truncated file.
     partial = out_file.with_name(out_file.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -111,10 +126,11 @@ def predict(run_dir: Path = RunOrRecipeArg,
         for record in records:
             handle.write(json.dumps(record) + "\n")
     partial.replace(out_file)
-    err.print(f"wrote {len(records)} predictions to {out_file}")
+    err.print(f"wrote {len(records)} predictions to {out_file}", markup=False)
 
 
 @app.command()
+@_command
 def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run's output directory"),
              prompt: Optional[list[str]] = typer.Option(None, help="an instruction (repeat for several)"),
              max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
@@ -123,36 +139,31 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
     from shardtune.errors import RunError
     from shardtune.export import load_run
 
-    try:
-        if not prompt:
-            raise RunError("give at least one --prompt")
-        loaded = load_run(run_dir)
-        if not getattr(loaded.task, "generates", False):
-            raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; generate needs a causal_lm run")
-        column = loaded.task.cols["text" if loaded.recipe.task.input == "text" else "instruction"]
-        rows = [Row({column: p}, f"--prompt {i + 1}") for i, p in enumerate(prompt)]
-        if loaded.recipe.task.input == "chat":
-            rows = [Row({loaded.task.cols["messages"]: [{"role": "user", "content": p}]}, r.where)
-                    for p, r in zip(prompt, rows)]
-        records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, max_new_tokens=max_new_tokens)
-    except ShardtuneError as exc:
-        _fail(exc)
+    if not prompt:
+        raise RunError("give at least one --prompt")
+    loaded = load_run(run_dir)
+    if not getattr(loaded.task, "generates", False):
+        raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; generate needs a causal_lm run")
+    column = loaded.task.cols["text" if loaded.recipe.task.input == "text" else "instruction"]
+    rows = [Row({column: p}, f"--prompt {i + 1}") for i, p in enumerate(prompt)]
+    if loaded.recipe.task.input == "chat":
+        rows = [Row({loaded.task.cols["messages"]: [{"role": "user", "content": p}]}, r.where)
+                for p, r in zip(prompt, rows)]
+    records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, max_new_tokens=max_new_tokens)
     for record in records:
         print(json.dumps({"prompt": record["prompt"], "response": record["prediction"]}))
 
 
 @app.command()
+@_command
 def merge(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
           out_dir: Path = typer.Option(..., "--out", help="new folder for the merged model")) -> None:
     """Merge the run's adapter into the full-precision base and write a standalone model."""
     from shardtune.export import merge_run
 
-    try:
-        written = merge_run(run_dir, out_dir)
-    except ShardtuneError as exc:
-        _fail(exc)
+    written = merge_run(run_dir, out_dir)
     err.print(f"wrote the merged model to {written} (load it with from_pretrained; pass a "
-              "BitsAndBytesConfig to quantise it again)")
+              "BitsAndBytesConfig to quantise it again)", markup=False)
 
 
 AddressOpt = typer.Option(..., "--address", envvar="RAY_JOBS_ADDRESS",
@@ -160,23 +171,28 @@ AddressOpt = typer.Option(..., "--address", envvar="RAY_JOBS_ADDRESS",
 
 
 @app.command()
+@_command
 def submit(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg, address: str = AddressOpt,
-           follow: bool = typer.Option(False, "--follow", help="stream the logs; exit with the job's status")) -> None:
+           follow: bool = typer.Option(False, "--follow", help="stream the logs; exit with the job's status"),
+           include: Optional[list[Path]] = typer.Option(None, "--include", help="a folder outside the recipe's folder "
+                                                        "and the current directory whose files may be uploaded"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="list what would be uploaded; submit nothing")) -> None:
     """Submit a recipe to a Ray cluster as a job (packs the recipe and its local files)."""
     from shardtune import jobs
 
-    try:
-        job_id = jobs.submit(recipe, overrides or [], address)
-        print(job_id, flush=True)
-        if follow:
-            final = jobs.follow(address, job_id)
-            err.print(f"job {job_id}: {final}")
-            raise typer.Exit(0 if final == "SUCCEEDED" else 1)
-    except ShardtuneError as exc:
-        _fail(exc)
+    job_id = jobs.submit(recipe, overrides or [], address, includes=include or [], dry_run=dry_run,
+                         announce=lambda text: err.print(text, markup=False, highlight=False))
+    if job_id is None:
+        return
+    print(job_id, flush=True)
+    if follow:
+        final = jobs.follow(address, job_id)
+        err.print(f"job {job_id}: {final}", markup=False)
+        raise typer.Exit(0 if final == "SUCCEEDED" else 1)
 
 
 @app.command()
+@_command
 def slurm(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
           out_file: Optional[Path] = typer.Option(None, "--out", help="write the script here (default: stdout)"),
           do_submit: bool = typer.Option(False, "--submit", help="sbatch it and print the job id")) -> None:
@@ -186,20 +202,17 @@ def slurm(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesAr
     from shardtune import slurm as slurm_script
     from shardtune.recipe import load_recipe
 
-    try:
-        resolved = load_recipe(recipe, overrides or [])
-        text = slurm_script.render(resolved, str(recipe), overrides or [])
-        if out_file is None and not do_submit:
-            print(text, end="")
-            return
-        target = out_file or Path(tempfile.mkdtemp(prefix="shardtune-slurm-")) / f"{recipe.stem}.sbatch"
-        target.write_text(text)
-        if do_submit:
-            print(slurm_script.submit(target))
-        else:
-            err.print(f"wrote {target}")
-    except ShardtuneError as exc:
-        _fail(exc)
+    resolved = load_recipe(recipe, overrides or [])
+    text = slurm_script.render(resolved, str(recipe), overrides or [])
+    if out_file is None and not do_submit:
+        print(text, end="")
+        return
+    target = out_file or Path(tempfile.mkdtemp(prefix="shardtune-slurm-")) / f"{recipe.stem}.sbatch"
+    target.write_text(text)
+    if do_submit:
+        print(slurm_script.submit(target))
+    else:
+        err.print(f"wrote {target}", markup=False)
 
 
 jobs_app = typer.Typer(help="shardtune's jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
@@ -207,57 +220,49 @@ app.add_typer(jobs_app, name="jobs")
 
 
 @jobs_app.command("list")
+@_command
 def jobs_list(address: str = AddressOpt) -> None:
     """The shardtune jobs on the cluster, oldest first."""
     from shardtune import jobs
 
-    try:
-        rows = jobs.listing(address)
-    except ShardtuneError as exc:
-        _fail(exc)
+    rows = jobs.listing(address)
     table = Table("job id", "status", "recipe", "output")
     for row in rows:
-        table.add_row(row["id"], row["status"], row["recipe"], row["output_dir"])
+        table.add_row(*(escape(str(row[k])) for k in ("id", "status", "recipe", "output_dir")))
     out.print(table)
 
 
 @jobs_app.command("status")
+@_command
 def jobs_status(job_id: str, address: str = AddressOpt) -> None:
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from shardtune import jobs
 
-    try:
-        print(jobs.status(address, job_id))
-    except ShardtuneError as exc:
-        _fail(exc)
+    print(jobs.status(address, job_id))
 
 
 @jobs_app.command("logs")
+@_command
 def jobs_logs(job_id: str, address: str = AddressOpt,
               follow: bool = typer.Option(False, "--follow", help="stream until the job ends")) -> None:
     """Print a job's logs."""
     from shardtune import jobs
 
-    try:
-        if follow:
-            jobs.follow(address, job_id)
-        else:
-            print(jobs.logs(address, job_id), end="")
-    except ShardtuneError as exc:
-        _fail(exc)
+    if follow:
+        jobs.follow(address, job_id)
+    else:
+        print(jobs.logs(address, job_id), end="")
 
 
 @jobs_app.command("stop")
+@_command
 def jobs_stop(job_id: str, address: str = AddressOpt) -> None:
     """Stop a job. Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (set on the
     cluster); given the time, the run checkpoints at its next step and can be resumed."""
     from shardtune import jobs
 
-    try:
-        stopped = jobs.stop(address, job_id)
-    except ShardtuneError as exc:
-        _fail(exc)
-    err.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}")
+    stopped = jobs.stop(address, job_id)
+    err.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}", markup=False)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -286,7 +291,7 @@ def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_tar
     """The file's rows; with the run's `data.on_bad_row: skip`, the bad ones left out and counted.
     No file with a recipe: the recipe's validation split."""
     from shardtune.data import read_rows
-    from shardtune.engine import drop_bad_rows
+    from shardtune.data.pipeline import drop_bad_rows
     from shardtune.errors import DataError
 
     if data is not None and not data.exists():
@@ -296,7 +301,7 @@ def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_tar
                         "when a recipe is given)")
     loaded = _load(run_dir, overrides or [])
     if data is None:
-        from shardtune.engine import load_data
+        from shardtune.data.pipeline import load_data
 
         return loaded, load_data(loaded.recipe, loaded.task, loaded.tokenizer, encode=False).val_rows
     source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
@@ -307,7 +312,7 @@ def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_tar
     bad: list[str] = []
     rows = drop_bad_rows(read_rows(source, bad), loaded.task, loaded.tokenizer, bad, str(data), with_targets)
     if bad:
-        err.print(f"data.on_bad_row is skip: left out {len(bad)} bad rows of '{data}'; first: {bad[0]}")
+        err.print(f"data.on_bad_row is skip: left out {len(bad)} bad rows of '{data}'; first: {bad[0]}", markup=False)
     return loaded, rows
 
 
@@ -345,7 +350,7 @@ def _print_summary(result) -> None:
     out.print(f"steps: {summary['steps']} on {summary['workers']} workers; "
               f"time: {summary['wall_seconds']:.0f}s (first step after {summary['time_to_first_step_s']:.0f}s, "
               f"{summary['steady_step_s']}s/step)")
-    out.print(f"outputs: {result.output_dir}  (adapter/, tokenizer/, metrics.json, logs/)")
+    out.print(f"outputs: {result.output_dir}  (adapter/, tokenizer/, metrics.json, logs/)", markup=False)
 
 
 if __name__ == "__main__":

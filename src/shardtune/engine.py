@@ -1,8 +1,10 @@
-"""The per-worker training loop: one file, top to bottom.
+"""The per-worker training loop, in three parts read top to bottom:
 
-Each worker: read the recipe -> load backbone, task head and adapter -> read and
-tokenise the data, take its shard -> wrap it all in a DeepSpeed engine -> evaluate,
-train, evaluate each epoch -> checkpoint -> save the adapter.
+  setup   distributed, model (backbone + head + adapter), data, DeepSpeed engine, resume
+  fit     the step loop: evaluation, checkpoints, a stop at the next step when asked
+  finish  save the run's files and hand them over with the final report
+
+and `train_worker`, which runs them and always removes the worker's scratch folder.
 
 Ray is not imported here. The loop talks to its launcher through a `Reporter`
 (orchestrate.py has the Ray one); `python -m shardtune.engine RECIPE` runs the same
@@ -21,24 +23,24 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from shardtune import backbone, export, quantization
+from shardtune import backbone, checkpoint, export, quantization, rundir
 from shardtune.adapters import apply_adapter, is_peft, optimizer_groups
-from shardtune.data import few_shot, read_rows, sample, split_train_validation
-from shardtune.errors import DataError, RecipeError
+from shardtune.data.pipeline import (augmented_examples, epoch_micro_batches, eval_shard, load_data,
+                                     optimizer_steps_per_epoch)
+from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.sharding import deepspeed_config, prepare_deepspeed
 from shardtune.tasks import get_task
 
-CHECKPOINT_TAG = "state"  # DeepSpeed checkpoint folder inside a reported checkpoint
 EXPORT_DIR = "export"     # the finished run's files inside the final checkpoint
-STOP_FILE = "STOP"        # created by the launcher to ask the workers to checkpoint and stop
+SCRATCH_PREFIX = "shardtune-rank"
 
 
 class Reporter(Protocol):
@@ -49,7 +51,7 @@ class Reporter(Protocol):
     def latest_checkpoint(self) -> str | None: ...
 
     def stop_requested(self) -> bool:
-        """True once the launcher was asked to stop (SIGTERM, Slurm's warning signal)."""
+        """True once the launcher was asked to stop (SIGTERM, SIGINT, Slurm's warning signal)."""
         ...
 
     def node(self) -> str:
@@ -57,151 +59,96 @@ class Reporter(Protocol):
         ...
 
 
-# ----------------------------------------------------------------------------- data
 @dataclass
-class Data:
-    train_rows: list
-    val_rows: list
-    train_examples: list
-    val_examples: list
-    skipped: dict  # split -> bad rows left out (data.on_bad_row: skip)
-    problems: list  # the first few of those rows' problems, for the log
+class Worker:
+    """What setup builds and fit and finish use."""
+    recipe: Recipe
+    rank: int
+    world: int
+    device: torch.device
+    work_dir: Path
+    log: "RunLog"
+    task: object
+    tokenizer: object
+    data: object
+    engine: object = None
+    trainable: int = 0
+    total: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    epochs: int = 0
+    started: float = 0.0
+    fingerprint: str = ""
+    history: list = field(default_factory=list)
+    start_epoch: int = 0
+    resume_micro: int = 0
+    resume_tensors: dict = field(default_factory=dict)
+    step_times: list = field(default_factory=list)
+    time_to_first_step: float | None = None
 
 
-def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
-    """Read, split, sample and tokenise, and fix the task's labels from the training rows.
-    Same result on every rank (all seeded). encode=False: the rows only (zero-shot
-    inference tokenises just what it scores)."""
-    skip = recipe.data.on_bad_row == "skip"
-    bad_train: list[str] | None = [] if skip else None
-    bad_val: list[str] | None = [] if skip else None
-    train_rows = read_rows(recipe.data.train, bad_train)
-    if recipe.data.validation is not None:
-        val_rows = read_rows(recipe.data.validation, bad_val)
-    else:
-        train_rows, val_rows = split_train_validation(train_rows, recipe.data.validation_split,
-                                                      recipe.train.seed)
-    if recipe.data.few_shot_per_class:
-        train_rows = few_shot(train_rows, recipe.data.few_shot_per_class, task.row_label, recipe.train.seed)
-    train_rows = sample(train_rows, recipe.data.max_train_examples, recipe.train.seed)
-    val_rows = sample(val_rows, recipe.data.max_eval_examples, recipe.train.seed)
-    task.fit_labels(train_rows)
-    if skip:
-        train_rows = drop_bad_rows(train_rows, task, tokenizer, bad_train, recipe.data.train.path)
-        val_rows = drop_bad_rows(val_rows, task, tokenizer, bad_val,
-                                 (recipe.data.validation or recipe.data.train).path)
-    skipped = {"train": len(bad_train or []), "validation": len(bad_val or [])}
-    examples = [task.encode(rows, tokenizer) if encode else [] for rows in (train_rows, val_rows)]
-    return Data(train_rows, val_rows, *examples, skipped, ((bad_train or []) + (bad_val or []))[:5])
-
-
-def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_targets: bool = True) -> list:
-    """The rows that encode on their own; the others' problems go to `bad`. A file that is
-    mostly bad is not what the recipe says it is: that stays an error."""
-    good = []
-    for row in rows:
-        try:
-            task.encode([row], tokenizer, with_targets=with_targets)
-            good.append(row)
-        except DataError as exc:
-            bad.append(str(exc))
-    if not good or len(bad) > len(good):
-        raise DataError([f"'{path}': {len(bad)} of {len(bad) + len(good)} rows do not fit the task, so the file is "
-                         "probably not the format or columns the recipe says; the first problems:", *bad[:3]])
-    return good
-
-
-def augmented_examples(recipe: Recipe, task, tokenizer, train_rows, epoch: int):
-    """This epoch's training examples with a fresh, seeded draw of augmentations."""
-    from shardtune.data.augment import Augmenter
-
-    augmenter = Augmenter(recipe.data.augment, seed=recipe.train.seed * 100_003 + epoch)
-    rows = [task.augment(row, augmenter) if augmenter.should_augment() else row for row in train_rows]
-    return task.encode(rows, tokenizer)
-
-
-def epoch_micro_batches(n_examples: int, world: int, rank: int, micro: int, accum: int,
-                        seed: int, epoch: int) -> list[list[int]]:
-    """This rank's micro-batches (example indices) for one epoch.
-
-    Every rank gets the same number of micro-batches, a multiple of the accumulation
-    steps: ZeRO's collectives hang if one rank steps more often than another.
-    """
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = n_examples // world
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    n_micro = (math.ceil(per_rank / micro) // accum) * accum
-    return [mine[i * micro:(i + 1) * micro] for i in range(n_micro)]
-
-
-def optimizer_steps_per_epoch(n_examples: int, world: int, train) -> int:
-    micro = len(epoch_micro_batches(n_examples, world, 0, train.micro_batch_size,
-                                    train.gradient_accumulation_steps, train.seed, 0))
-    steps = micro // train.gradient_accumulation_steps
-    if steps == 0:
-        raise DataError(f"{n_examples} training examples are too few for one optimizer step "
-                        f"with {world} workers x micro_batch_size {train.micro_batch_size} x "
-                        f"gradient_accumulation_steps {train.gradient_accumulation_steps}; lower those")
-    return steps
-
-
-def eval_shard(n_examples: int, world: int, rank: int) -> list[int]:
-    """Strided shard, padded with repeats so every rank runs the same number of forwards."""
-    mine = list(range(rank, n_examples, world))
-    per_rank = math.ceil(n_examples / world)
-    return mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
-
-
-# ---------------------------------------------------------------------- the loop
 def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     recipe = Recipe.model_validate(recipe_dict)
-    tr, sh = recipe.train, recipe.sharding
     started = time.perf_counter()
+    rank, world, device = setup_distributed(recipe)
+    work_dir = scratch_dir(rank)
+    log = RunLog(work_dir / EXPORT_DIR / rundir.LOGS, enabled=rank == 0)
+    try:
+        worker = setup(recipe, reporter, rank, world, device, work_dir, log, started)
+        if fit(worker, reporter):
+            finish(worker, reporter)
+    finally:
+        log.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
 
-    # Distributed set-up. Ray (or torchrun) already set RANK/WORLD_SIZE/MASTER_*.
+
+# ----------------------------------------------------------------------------- setup
+def setup_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
+    """Ray (or torchrun) already set RANK/WORLD_SIZE/MASTER_*."""
     prepare_deepspeed()
     import deepspeed
 
     use_gpu = recipe.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     if use_gpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(recipe.cluster.cpus_per_worker)))
-    is_main = rank == 0
-    work_dir = Path(tempfile.mkdtemp(prefix=f"shardtune-rank{rank}-"))
-    log = RunLog(work_dir / EXPORT_DIR / "logs", enabled=is_main)
+    return dist.get_rank(), dist.get_world_size(), device
 
-    # Model: backbone + task head + adapter. Seed first so every rank builds the same
-    # head and adapter initialisation.
+
+def setup(recipe: Recipe, reporter: Reporter, rank: int, world: int, device: torch.device, work_dir: Path,
+          log: "RunLog", started: float) -> Worker:
+    tr, sh = recipe.train, recipe.sharding
+    # Seed first so every rank builds the same head and adapter initialisation.
     torch.manual_seed(tr.seed)
     task = get_task(recipe)
     tokenizer = backbone.load_tokenizer(recipe)
     data = load_data(recipe, task, tokenizer)
-    train_rows, train_examples, val_examples = data.train_rows, data.train_examples, data.val_examples
+    w = Worker(recipe, rank, world, device, work_dir, log, task, tokenizer, data, started=started,
+               fingerprint=checkpoint.fingerprint(recipe.model_dump(mode="json")))
     if sum(data.skipped.values()):
         log(f"skipped bad rows (data.on_bad_row: skip): {data.skipped['train']} train, "
             f"{data.skipped['validation']} validation; first: " + " | ".join(data.problems))
     model = backbone.load_model(recipe, task, tokenizer)
     if hasattr(task, "fit_verbalizer"):  # prompt tasks: label words found from the untrained model
-        task.fit_verbalizer(model, tokenizer, train_examples, device, rank, world, log)
+        task.fit_verbalizer(model, tokenizer, data.train_examples, device, rank, world, log)
     model = apply_adapter(model, recipe, task)
     if hasattr(task, "wrap"):  # prompt tasks: read the LM at the label slot, with the soft tokens
         model = task.wrap(model, tokenizer)
-    trainable, total = backbone.count_parameters(model)
-    log(f"model ready: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%); {len(train_examples)} train / {len(val_examples)} "
+    w.trainable, w.total = backbone.count_parameters(model)
+    log(f"model ready: {w.trainable:,} trainable of {w.total:,} parameters "
+        f"({100 * w.trainable / w.total:.2f}%); {len(data.train_examples)} train / {len(data.val_examples)} "
         f"validation examples; {world} workers, ZeRO-{sh.zero_stage}, {sh.precision}")
 
     # Schedule: optimizer steps per epoch follow from the shard sizes.
-    steps_per_epoch = optimizer_steps_per_epoch(len(train_examples), world, tr)
-    total_steps = tr.max_steps or tr.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup = tr.warmup_steps if tr.warmup_steps is not None else round(tr.warmup_ratio * total_steps)
+    w.steps_per_epoch = optimizer_steps_per_epoch(len(data.train_examples), world, tr)
+    w.total_steps = tr.max_steps or tr.epochs * w.steps_per_epoch
+    w.epochs = math.ceil(w.total_steps / w.steps_per_epoch)
+    warmup = tr.warmup_steps if tr.warmup_steps is not None else round(tr.warmup_ratio * w.total_steps)
 
     # AdamW (a torch optimizer, so DeepSpeed compiles nothing; see sharding.deepspeed_config)
     # over the adapter's parameter groups.
@@ -209,147 +156,204 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     from transformers import get_scheduler
 
     scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
+                              num_training_steps=w.total_steps)
     if not quantization.is_quantized(recipe):  # quantised weights were placed when loaded
         model = model.to(device)
     elif hasattr(model, "place_own"):  # a prompt model's soft tokens and word tables, not the LM
         model.place_own(device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler,
-                                           config=deepspeed_config(recipe, world))
+    import deepspeed
 
-    # Resume: Ray hands back the last reported checkpoint after a worker failure, or the
-    # stop checkpoint of a run continued with `shardtune run --resume`.
-    history: list[dict] = []
-    start_epoch, resume_micro, resume_rank_state = 0, 0, None
-    resume_dir = reporter.latest_checkpoint()
-    if resume_dir and (Path(resume_dir) / CHECKPOINT_TAG).is_dir():
-        _, client_state = engine.load_checkpoint(resume_dir, tag=CHECKPOINT_TAG, load_module_strict=False)
-        start_epoch, history = client_state["epoch"], client_state["history"]
-        resume_micro = client_state.get("micro_batches_done", 0)
-        if resume_micro:  # stopped mid-epoch: this rank's RNG and running loss come back too
-            resume_rank_state = torch.load(Path(resume_dir) / f"rank-{rank}.pt", weights_only=False)
-        log(f"resumed from the checkpoint after epoch {start_epoch}"
-            f"{f' and {resume_micro} micro-batches' if resume_micro else ''} (step {engine.global_steps})")
+    w.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                             config=deepspeed_config(recipe, world))
+    resume(w, reporter.latest_checkpoint())
+    return w
 
-    def evaluate(epoch: float, **extra) -> dict:
-        indices = eval_shard(len(val_examples), world, rank)
-        outputs = export.forward_outputs(engine.module, task, tokenizer, [val_examples[i] for i in indices],
-                                         tr.eval_batch_size or 2 * tr.micro_batch_size, device)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (indices, outputs))
-        by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
-        ordered = [by_index[i] for i in range(len(val_examples))]
-        metrics = {"epoch": round(epoch, 4), "step": engine.global_steps, **task.metrics(ordered, val_examples),
-                   **extra}
-        history.append(metrics)
-        log.scalars("validation", metrics, engine.global_steps)
-        log("validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
-            + f" (epoch {epoch:g}, step {engine.global_steps})")
-        return metrics
 
-    if tr.eval_before_training and not history:
-        reporter.report(evaluate(0), None)
+def resume(w: Worker, directory: str | None) -> None:
+    """Ray hands back the last reported checkpoint after a worker failure, or the stop
+    checkpoint of a run continued with `shardtune run --resume`."""
+    if directory is None:
+        return
+    if not checkpoint.exists(directory):
+        if (Path(directory) / checkpoint.DEEPSPEED_TAG).is_dir():
+            raise RunError(f"the checkpoint {directory} was written by an earlier shardtune, whose per-rank state "
+                           "was a pickle that this version no longer loads; delete the run's .partial folder and "
+                           "start afresh")
+        return
+    state, w.resume_tensors = checkpoint.load(w.engine, Path(directory), w.rank, w.fingerprint)
+    w.start_epoch, w.history, w.resume_micro = state.epoch, state.history, state.micro_batches_done
+    w.log(f"resumed from the checkpoint after epoch {w.start_epoch}"
+          f"{f' and {w.resume_micro} micro-batches' if w.resume_micro else ''} (step {w.engine.global_steps})")
 
-    # Train.
-    step_times: list[float] = []
-    time_to_first_step = None
-    for epoch in range(start_epoch, epochs):
-        # Dropout draws from torch's global generator. Seeding it from (seed, epoch, rank)
-        # makes a resumed epoch bit-identical to an uninterrupted one without saving
-        # generator states, and gives each rank its own dropout masks.
-        torch.manual_seed(tr.seed + 7919 * (epoch + 1) + rank)
-        if recipe.data.augment is not None:
-            train_examples = augmented_examples(recipe, task, tokenizer, train_rows, epoch)
-        engine.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of example losses, examples)
-        skip = resume_micro if epoch == start_epoch else 0
-        if skip:
-            torch.set_rng_state(resume_rank_state["rng"])
-            loss_sum = resume_rank_state["loss_sum"]
-        step_started = time.perf_counter()
-        for n, micro in enumerate(epoch_micro_batches(len(train_examples), world, rank, tr.micro_batch_size,
-                                                      tr.gradient_accumulation_steps, tr.seed, epoch)):
-            if n < skip:
-                continue  # done before the stop; the order of an epoch is fixed by its seed
-            batch = task.collate([train_examples[i] for i in micro], tokenizer)
-            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            loss_sum += torch.tensor([loss.item() * len(micro), len(micro)], dtype=torch.float64)
-            if not boundary:
-                continue
 
-            now = time.perf_counter()
-            step_times.append(now - step_started)
-            step_started = now
-            if time_to_first_step is None:
-                time_to_first_step = now - started
-            step = engine.global_steps
-            if step % tr.log_every_steps == 0 or step == total_steps:
-                lr = engine.get_lr()[0]
-                eta = statistics.median(step_times[-20:]) * (total_steps - step)
-                log(f"epoch {epoch + 1}/{epochs} step {step}/{total_steps} loss {loss.item():.4f} "
-                    f"lr {lr:.2e} {step_times[-1]:.2f}s/step eta {_duration(eta)}")
-                log.scalars("train", {"loss": loss.item(), "lr": lr}, step)
-            if tr.eval_every_steps and step % tr.eval_every_steps == 0 and step != total_steps:
-                reporter.report(evaluate(step / steps_per_epoch), None)
-            if step >= total_steps:
-                break
-            if _stop_agreed(reporter, device):
-                # Asked to stop (SIGTERM, Slurm's warning): checkpoint where we are, so that
-                # `shardtune run --resume` continues from this step.
-                checkpoint = work_dir / f"checkpoint-stop-{step}"
-                engine.save_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True,
-                                       client_state={"epoch": epoch, "micro_batches_done": n + 1, "history": history})
-                torch.save({"rng": torch.get_rng_state(), "loss_sum": loss_sum}, checkpoint / f"rank-{rank}.pt")
-                log(f"stop requested: saved a checkpoint at step {step}/{total_steps}; resume with "
-                    "`shardtune run RECIPE --resume`")
-                reporter.report({"stopped": True, "step": step, "total_steps": total_steps}, str(checkpoint))
-                log.close()
-                return
-
+# ------------------------------------------------------------------------------- fit
+def fit(w: Worker, reporter: Reporter) -> bool:
+    """Train to the end (True), or until a stop was asked for and checkpointed (False)."""
+    if w.recipe.train.eval_before_training and not w.history:
+        reporter.report(evaluate(w, 0), None)
+    for epoch in range(w.start_epoch, w.epochs):
+        loss_sum = train_epoch(w, reporter, epoch)
+        if loss_sum is None:
+            return False
         # End of epoch: evaluate and checkpoint everything (adapter, optimizer, schedule).
         dist.all_reduce(loss_sum)
-        metrics = evaluate(engine.global_steps / steps_per_epoch, train_loss=float(loss_sum[0] / max(loss_sum[1], 1)))
-        checkpoint = work_dir / f"checkpoint-{epoch + 1}"
-        engine.save_checkpoint(str(checkpoint), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True,
-                               client_state={"epoch": epoch + 1, "history": history})
-        reporter.report(metrics, str(checkpoint))
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the reporter has its own copy now
-        if engine.global_steps >= total_steps:
+        metrics = evaluate(w, w.engine.global_steps / w.steps_per_epoch,
+                           train_loss=float(loss_sum[0] / max(loss_sum[1], 1)))
+        saved = save_checkpoint(w, f"checkpoint-{epoch + 1}", epoch + 1, 0, torch.zeros_like(loss_sum))
+        reporter.report(metrics, str(saved))
+        shutil.rmtree(saved, ignore_errors=True)  # the reporter has its own copy now
+        if w.engine.global_steps >= w.total_steps:
             break
+    return True
 
-    # Save the run's files (rank 0) and hand them over with the final report.
-    out = work_dir / EXPORT_DIR
-    export.save_trained(engine.module, out, is_peft=is_peft(recipe), zero_stage=sh.zero_stage, is_main=is_main)
-    peak = _peak_memory_mb(device)
-    peaks, nodes = [None] * world, [None] * world
-    dist.all_gather_object(peaks, peak)
+
+def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | None:
+    """One epoch of optimizer steps; returns (sum of example losses, examples) on the
+    training device, or None when it stopped on request after checkpointing."""
+    tr, engine = w.recipe.train, w.engine
+    # Dropout draws from torch's global generator. Seeding it from (seed, epoch, rank)
+    # gives each rank its own masks; a mid-epoch resume restores the generator's state.
+    torch.manual_seed(tr.seed + 7919 * (epoch + 1) + w.rank)
+    examples = w.data.train_examples
+    if w.recipe.data.augment is not None:
+        examples = augmented_examples(w.recipe, w.task, w.tokenizer, w.data.train_rows, epoch)
+    engine.train()
+    # Accumulated on the device without a host sync per micro-step (and NCCL reduces only
+    # device tensors).
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=w.device)
+    skip = w.resume_micro if epoch == w.start_epoch else 0
+    if skip:
+        torch.set_rng_state(w.resume_tensors["rng"])
+        loss_sum = w.resume_tensors["loss_sum"].to(w.device)
+    step_started = time.perf_counter()
+    micro_batches = epoch_micro_batches(len(examples), w.world, w.rank, tr.micro_batch_size,
+                                        tr.gradient_accumulation_steps, tr.seed, epoch)
+    for n, micro in enumerate(micro_batches):
+        if n < skip:
+            continue  # done before the stop; the order of an epoch is fixed by its seed
+        batch = w.task.collate([examples[i] for i in micro], w.tokenizer)
+        loss = engine(**{k: v.to(w.device) for k, v in batch.items()}).loss
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        loss_sum += torch.stack([loss.detach().double() * len(micro), loss_sum.new_tensor(len(micro))])
+        if not boundary:
+            continue
+        now = time.perf_counter()
+        w.step_times.append(now - step_started)
+        step_started = now
+        if w.time_to_first_step is None:
+            w.time_to_first_step = now - w.started
+        step = engine.global_steps
+        if step % tr.log_every_steps == 0 or step == w.total_steps:
+            log_step(w, epoch, step, loss.item())
+        if tr.eval_every_steps and step % tr.eval_every_steps == 0 and step != w.total_steps:
+            reporter.report(evaluate(w, step / w.steps_per_epoch), None)
+        if step >= w.total_steps:
+            break
+        if _stop_agreed(reporter, w.device):
+            # Asked to stop (SIGTERM, Ctrl-C, Slurm's warning): checkpoint where we are, so
+            # that `shardtune run --resume` continues from this step.
+            saved = save_checkpoint(w, f"checkpoint-stop-{step}", epoch, n + 1, loss_sum)
+            w.log(f"stop requested: saved a checkpoint at step {step}/{w.total_steps}; resume with "
+                  "`shardtune run RECIPE --resume`")
+            reporter.report({"stopped": True, "step": step, "total_steps": w.total_steps}, str(saved))
+            return None
+    return loss_sum
+
+
+def log_step(w: Worker, epoch: int, step: int, loss: float) -> None:
+    lr = w.engine.get_lr()[0]
+    eta = statistics.median(w.step_times[-20:]) * (w.total_steps - step)
+    w.log(f"epoch {epoch + 1}/{w.epochs} step {step}/{w.total_steps} loss {loss:.4f} "
+          f"lr {lr:.2e} {w.step_times[-1]:.2f}s/step eta {_duration(eta)}")
+    w.log.scalars("train", {"loss": loss, "lr": lr}, step)
+
+
+def save_checkpoint(w: Worker, name: str, epoch: int, micro_done: int, loss_sum: torch.Tensor) -> Path:
+    """The whole training state, in one place for both the epoch-end and the stop checkpoints."""
+    directory = w.work_dir / name
+    state = checkpoint.TrainState(epoch=epoch, micro_batches_done=micro_done, history=w.history,
+                                  seed=w.recipe.train.seed, fingerprint=w.fingerprint)
+    checkpoint.save(w.engine, directory, state, w.rank,
+                    {"rng": torch.get_rng_state(), "loss_sum": loss_sum.detach().cpu()})
+    return directory
+
+
+def evaluate(w: Worker, epoch: float, **extra) -> dict:
+    val = w.data.val_examples
+    indices = eval_shard(len(val), w.world, w.rank)
+    batch_size = w.recipe.train.eval_batch_size or 2 * w.recipe.train.micro_batch_size
+    outputs = export.forward_outputs(w.engine.module, w.task, w.tokenizer, [val[i] for i in indices],
+                                     batch_size, w.device)
+    gathered = [None] * w.world
+    dist.all_gather_object(gathered, (indices, outputs))
+    by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
+    ordered = [by_index[i] for i in range(len(val))]
+    metrics = {"epoch": round(epoch, 4), "step": w.engine.global_steps, **w.task.metrics(ordered, val), **extra}
+    w.history.append(metrics)
+    w.log.scalars("validation", metrics, w.engine.global_steps)
+    w.log("validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
+          + f" (epoch {epoch:g}, step {w.engine.global_steps})")
+    return metrics
+
+
+# ---------------------------------------------------------------------------- finish
+def finish(w: Worker, reporter: Reporter) -> None:
+    """Save the run's files (rank 0) and hand them over with the final report."""
+    out = w.work_dir / EXPORT_DIR
+    export.save_trained(w.engine.module, out, is_peft=is_peft(w.recipe), zero_stage=w.recipe.sharding.zero_stage,
+                        is_main=w.rank == 0)
+    peaks, nodes = [None] * w.world, [None] * w.world
+    dist.all_gather_object(peaks, _peak_memory_mb(w.device))
     dist.all_gather_object(nodes, reporter.node())
-    steady = step_times[3:] or step_times
+    steady = w.step_times[3:] or w.step_times
     summary = {
-        "trainable_parameters": trainable, "total_parameters": total,
-        "train_examples": len(train_examples), "validation_examples": len(val_examples),
-        "skipped_rows": data.skipped, "steps": engine.global_steps, "epochs": epochs, "workers": world,
-        "worker_seconds": round(time.perf_counter() - started, 2),
-        "time_to_first_step_s": round(time_to_first_step or 0.0, 2),
+        "trainable_parameters": w.trainable, "total_parameters": w.total,
+        "train_examples": len(w.data.train_examples), "validation_examples": len(w.data.val_examples),
+        "skipped_rows": w.data.skipped, "steps": w.engine.global_steps, "epochs": w.epochs, "workers": w.world,
+        "worker_seconds": round(time.perf_counter() - w.started, 2),
+        "time_to_first_step_s": round(w.time_to_first_step or 0.0, 2),
         "steady_step_s": round(statistics.median(steady), 4) if steady else None,
         "peak_memory_mb_per_worker": peaks, "worker_nodes": nodes,
     }
-    if is_main:
-        tokenizer.save_pretrained(out / "tokenizer")
-        (out / export.TASK_STATE).write_text(json.dumps(task.state(), indent=2))
-        (out / "history.json").write_text(json.dumps({"history": history, "summary": summary}, indent=2))
-        log(f"done: {engine.global_steps} steps in {_duration(summary['worker_seconds'])}")
-        log.close()
-    reporter.report({**history[-1], "final": True, **summary}, str(out) if is_main else None)
+    if w.rank == 0:
+        w.tokenizer.save_pretrained(out / rundir.TOKENIZER)
+        (out / rundir.TASK_STATE).write_text(json.dumps(w.task.state(), indent=2))
+        (out / rundir.HISTORY).write_text(json.dumps({"history": w.history, "summary": summary}, indent=2))
+        w.log(f"done: {w.engine.global_steps} steps in {_duration(summary['worker_seconds'])}")
+        w.log.close()  # flushes TensorBoard's events before the reporter copies logs/
+    reporter.report({**w.history[-1], "final": True, **summary}, str(out) if w.rank == 0 else None)
     dist.barrier()
-    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- helpers
+def scratch_dir(rank: int) -> Path:
+    """This worker's node-local scratch folder (checkpoints before the reporter copies them).
+
+    Its name carries the worker's PID, so a folder left by a killed worker (no `finally`
+    runs after SIGKILL) is removed by the next worker that starts on the node."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{SCRATCH_PREFIX}*-pid*-*"):
+        try:
+            pid = int(stale.name.split("-pid", 1)[1].split("-", 1)[0])
+            if stale.stat().st_uid == os.getuid() and not _alive(pid):
+                shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{rank}-pid{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunLog:
     """Progress lines to stdout and logs/train.log, and scalars to TensorBoard (rank 0 only)."""
 
@@ -364,7 +368,7 @@ class RunLog:
             self.writer = SummaryWriter(str(directory / "tensorboard"))
 
     def __call__(self, message: str) -> None:
-        if self.enabled:
+        if self.enabled and self.file is not None:
             line = f"[shardtune {time.strftime('%H:%M:%S')}] {message}"
             # sys.stdout directly: Ray Train patches print() and would emit every line twice.
             sys.stdout.write(line + "\n")
@@ -372,15 +376,16 @@ class RunLog:
             self.file.write(line + "\n")
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
-        if self.enabled:
+        if self.enabled and self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.file is not None:
             self.writer.close()
             self.file.close()
+            self.file = self.writer = None
 
 
 def _stop_agreed(reporter, device: torch.device) -> bool:
@@ -405,7 +410,9 @@ def _duration(seconds: float) -> str:
 class LocalReporter:
     """For torchrun: epoch checkpoints go to OUTPUT/checkpoint, the finished run to OUTPUT.
 
-    Ranks share a file system here (one machine, or a shared output directory).
+    Ranks share a file system here (one machine, or a shared output directory). A new
+    checkpoint is written beside the old one and swapped in by renames, so a kill during
+    a save leaves the previous checkpoint whole.
     """
 
     def __init__(self, output_dir: Path):
@@ -414,14 +421,15 @@ class LocalReporter:
         self.output_dir = output_dir
         self._signalled = False
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):  # torchrun forwards SIGTERM to its workers
+            # torchrun forwards SIGTERM to its workers; Ctrl-C reaches every process of the group.
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True
 
     def stop_requested(self) -> bool:
-        return self._signalled or (self.output_dir / STOP_FILE).exists()
+        return self._signalled or (self.output_dir / rundir.STOP_FILE).exists()
 
     def node(self) -> str:
         import socket
@@ -429,15 +437,25 @@ class LocalReporter:
         return socket.gethostname()
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir:
-            final = bool(metrics.get("final"))
-            target = self.output_dir if final else self.output_dir / "checkpoint"
-            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+        if checkpoint_dir and metrics.get("final"):
+            shutil.copytree(checkpoint_dir, self.output_dir, dirs_exist_ok=True)
+        elif checkpoint_dir:
+            shutil.copytree(checkpoint_dir, self.output_dir / "checkpoint.next", dirs_exist_ok=True)
+            dist.barrier()
+            if dist.get_rank() == 0:
+                current, old = self.output_dir / "checkpoint", self.output_dir / "checkpoint.old"
+                shutil.rmtree(old, ignore_errors=True)
+                if current.exists():
+                    current.rename(old)
+                (self.output_dir / "checkpoint.next").rename(current)
+                shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
     def latest_checkpoint(self) -> str | None:
-        path = self.output_dir / "checkpoint"
-        return str(path) if (path / CHECKPOINT_TAG).is_dir() else None
+        for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames
+            if checkpoint.exists(self.output_dir / name):
+                return str(self.output_dir / name)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,21 +474,26 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         recipe = load_recipe(argv[0], argv[1:])
-    except RecipeError as exc:
+        output = Path(recipe.output.dir)
+        if output.exists() and any(output.iterdir()) and not rundir.is_run(output):
+            raise RunError(f"output directory '{output}' exists and is not a shardtune run (no {rundir.MARKER} "
+                           "marker); choose a new output.dir")
+    except (RecipeError, RunError) as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    output = Path(recipe.output.dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / STOP_FILE).unlink(missing_ok=True)  # a request from an earlier attempt is spent
+    if int(os.environ.get("RANK", 0)) == 0 and not rundir.is_run(output):
+        rundir.mark(output)
+    (output / rundir.STOP_FILE).unlink(missing_ok=True)  # a request from an earlier attempt is spent
     reporter = LocalReporter(output)
     train_worker(recipe.model_dump(mode="json"), reporter)
-    if not (output / "history.json").exists():  # stopped: the checkpoint is in OUTPUT/checkpoint
+    if not (output / rundir.HISTORY).exists():  # stopped: the checkpoint is in OUTPUT/checkpoint
         if dist.get_rank() == 0:
             print(f"stopped; run the same command again to resume from {output / 'checkpoint'}", file=sys.stderr)
         dist.destroy_process_group()
         return 3
     if dist.get_rank() == 0:
-        (output / "recipe.yaml").write_text(recipe.to_yaml())
+        (output / rundir.RECIPE).write_text(recipe.to_yaml())
         write_metrics(output, recipe, time.perf_counter() - started)
         if not recipe.output.keep_checkpoints:
             shutil.rmtree(output / "checkpoint", ignore_errors=True)

@@ -86,9 +86,8 @@ class LoadedRun:
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild a trained model from a run directory with plain transformers + peft."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from shardtune.backbone import load_kwargs, load_model
+    from shardtune.backbone import load_kwargs, load_model, load_tokenizer_from, refusing_remote_code
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
 
@@ -100,7 +99,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     task = get_task(recipe)
     task.load_state(json.loads((run_dir / TASK_STATE).read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = load_tokenizer_from(run_dir / "tokenizer")
     if (run_dir / "adapter").is_dir():
         saved = run_dir / "adapter"
         model = load_model(recipe, task, tokenizer)
@@ -108,7 +107,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             model = PeftModel.from_pretrained(model, saved)
     elif (run_dir / "model").is_dir():
         saved = run_dir / "model"
-        model = task.build_model(str(saved), load_kwargs(recipe))
+        with refusing_remote_code(saved):
+            model = task.build_model(str(saved), load_kwargs(recipe))
     else:
         raise RunError(f"'{run_dir}' holds neither adapter/ nor model/; the run did not finish")
     if hasattr(task, "wrap"):
@@ -137,7 +137,7 @@ def load_zero_shot(recipe) -> LoadedRun:
     task.check(tokenizer)
     model = load_model(recipe, task, tokenizer)
     if task.verbalizer is None:  # verbalizer: auto
-        from shardtune.engine import load_data
+        from shardtune.data.pipeline import load_data
 
         rows = load_data(recipe, task, tokenizer, encode=False).train_rows
         examples = task.encode(rows[:recipe.task.auto_verbalizer.max_examples], tokenizer)
@@ -156,10 +156,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     import shutil
 
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from shardtune.adapters import SOFT_PROMPT_METHODS
-    from shardtune.backbone import load_model
+    from shardtune.backbone import load_model, load_tokenizer_from
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
 
@@ -178,7 +177,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
                        f"into. Load {run_dir / 'adapter'} with peft's PeftModel.from_pretrained instead")
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = load_tokenizer_from(run_dir / "tokenizer")
     if method == "none":  # full fine-tuning: the run already holds the whole model
         shutil.copytree(run_dir / "model", staging)
     else:

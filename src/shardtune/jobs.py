@@ -40,50 +40,117 @@ def client(address: str):
         raise RunError(f"cannot reach the Ray Jobs API at {address} ({first}); " + "; ".join(hints)) from None
 
 
-def pack(recipe: Recipe, folder: Path, output_dir_as_written: str) -> Path:
-    """Write the recipe and its local files into `folder` (the job's working_dir)."""
+def pack(recipe: Recipe, folder: Path, output_dir_as_written: str, roots: list[Path]) -> list[tuple[str, int]]:
+    """Write the recipe and its local files into `folder` (the job's working_dir); returns
+    what will be uploaded, as (path in the job, bytes).
+
+    Only regular files under `roots` (the recipe's folder, the current directory, and
+    folders the user named with --include) are packed: a recipe naming /etc/shadow as its
+    data, a model folder holding ~/.ssh, or a symlink pointing out of the packed folder is
+    refused, so a submitted job never carries what the user did not mean to send.
+    """
     from shardtune.sources import resolve_local
 
     if not Path(output_dir_as_written).expanduser().is_absolute():
         raise RecipeError("output.dir must be an absolute path on storage the cluster's nodes share: a submitted "
                           "job runs in a temporary working directory that is deleted afterwards")
     packed = recipe.model_copy(deep=True)
-    data = folder / "data"
+    manifest: list[tuple[str, int]] = []
     for name, source in (("train", packed.data.train), ("validation", packed.data.validation)):
         if source is None or source.path.startswith("package:"):
             continue
         local = resolve_local(source.path)
         if local is None or not local.exists():
             continue  # a hub data set: resolved on the cluster
-        target = data / name / local.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if local.is_dir():
-            shutil.copytree(local, target)
-        else:
-            shutil.copy2(local, target)
+        target = folder / "data" / name / local.name
+        manifest += _copy_checked(f"data.{name}.path", local, target, folder, roots)
         source.path = str(target.relative_to(folder))
     model = packed.model.path
     local_model = None if model.startswith("package:") else resolve_local(model)
     if local_model is not None and local_model.exists():
-        size = sum(f.stat().st_size for f in local_model.rglob("*") if f.is_file())
+        files = _regular_files("model.path", local_model, roots)
+        size = sum(f.stat().st_size for f in files)
         if size > MAX_PACKED_MODEL_BYTES:
             raise RecipeError(f"model.path {model} is {size / 2**30:.1f} GiB, too large to upload with the job; put "
                               "it on storage the cluster sees and name that path, or use a hub id or package:")
-        shutil.copytree(local_model, folder / "model")
+        manifest += _copy_checked("model.path", local_model, folder / "model", folder, roots)
         packed.model.path = "model"
     (folder / "recipe.yaml").write_text(packed.to_yaml())
-    return folder / "recipe.yaml"
+    manifest.append(("recipe.yaml", (folder / "recipe.yaml").stat().st_size))
+    return manifest
 
 
-def submit(recipe_path: Path, overrides: list[str], address: str) -> str:
-    """Validate, pack and submit; returns the job id."""
+def _regular_files(field: str, path: Path, roots: list[Path]) -> list[Path]:
+    """The files under `path` (or path itself), each checked to be a regular file inside a root."""
+    real = Path(os.path.realpath(path))
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        raise RecipeError(f"{field}: {path} is outside the recipe's folder and the current directory, and "
+                          "`shardtune submit` uploads nothing else unless told; add --include "
+                          f"{real.parent if real.is_file() else real} if you mean to upload it")
+    if real.is_file():
+        return [real]
+    if not real.is_dir():
+        raise RecipeError(f"{field}: {path} is not a regular file or folder; only those are uploaded")
+    files = []
+    for top, dirs, names in os.walk(real, followlinks=False):
+        for entry in [*dirs, *names]:
+            item = Path(top) / entry
+            if item.is_symlink():
+                target = Path(os.path.realpath(item))
+                if not target.is_relative_to(real):
+                    raise RecipeError(f"{field}: {item} is a symlink to {target}, outside {path}; `shardtune "
+                                      "submit` never follows links out of a folder it uploads. Replace the link "
+                                      "with the file, or remove it")
+                if target.is_dir():
+                    continue  # its files are walked where they really are
+            if entry in names:
+                if not (item.is_file()):
+                    raise RecipeError(f"{field}: {item} is not a regular file; remove it from the folder")
+                files.append(item)
+    return files
+
+
+def _copy_checked(field: str, source: Path, target: Path, folder: Path, roots: list[Path]) -> list[tuple[str, int]]:
+    real = Path(os.path.realpath(source))
+    manifest = []
+    for item in _regular_files(field, source, roots):
+        # A link inside the folder is uploaded as the file it names, under the link's name.
+        dest = target if item == real else target / item.relative_to(real)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(item, dest)  # contents only: no modes, owners or links travel
+        manifest.append((str(dest.relative_to(folder)), dest.stat().st_size))
+    return manifest
+
+
+def describe_upload(manifest: list[tuple[str, int]]) -> str:
+    total = sum(size for _, size in manifest)
+    lines = [f"uploading {len(manifest)} files, {_size(total)}, with the job:"]
+    lines += [f"  {_size(size):>9}  {name}" for name, size in sorted(manifest)]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def submit(recipe_path: Path, overrides: list[str], address: str, *, includes: list[Path] = (),
+           dry_run: bool = False, announce=print) -> str | None:
+    """Validate, pack, list what is uploaded and submit; returns the job id (None for a dry run)."""
     from shardtune.recipe import apply_overrides, load_raw, load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     written = str((apply_overrides(load_raw(recipe_path), overrides).get("output") or {}).get("dir", ""))
     recipe_name = str(recipe_path)
+    roots = [Path(os.path.realpath(p)) for p in (recipe_path.parent, Path.cwd(), *includes)]
     with tempfile.TemporaryDirectory(prefix="shardtune-job-") as tmp:
-        pack(recipe, Path(tmp), written)  # recipe problems first: they need no cluster
+        manifest = pack(recipe, Path(tmp), written, roots)  # recipe problems first: they need no cluster
+        announce(describe_upload(manifest))
+        if dry_run:
+            return None
         jobs = client(address)
         env = {k: os.environ[k] for k in JOB_ENV_PASSTHROUGH if k in os.environ}
         env["PYTHONUNBUFFERED"] = "1"

@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardtune.engine import STOP_FILE, train_worker
+from shardtune import rundir
+from shardtune.engine import train_worker
 from shardtune.export import write_metrics
 from shardtune.errors import RunError, RunStopped, ShardtuneError
 from shardtune.recipe import Recipe
@@ -40,22 +41,27 @@ class RunResult:
 def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> RunResult:
     """Train a recipe on Ray; returns when the run's output directory is complete.
 
-    SIGTERM or SIGUSR1 (what Slurm sends at the time limit, or before it with --signal)
-    asks the workers to checkpoint at the next step; the run then raises RunStopped and
-    keeps `<dir>.partial`, which `resume=True` continues from.
+    SIGTERM, SIGUSR1 (what Slurm sends at the time limit, or before it with --signal) or a
+    first Ctrl-C ask the workers to checkpoint at the next step; the run then raises
+    RunStopped and keeps `<dir>.partial`, which `resume=True` continues from. A second
+    Ctrl-C stops at once and keeps the last checkpoint. A run that fails after a
+    checkpoint keeps it too, so nothing trained is ever deleted.
     """
     started = time.perf_counter()
-    preflight(recipe)
     final_dir = Path(recipe.output.dir).resolve()
-    staging, resuming = _claim_output(final_dir, recipe.output.if_exists, resume)
+    if (problem := rundir.claim_problem(final_dir, recipe.output.if_exists, resume)) is not None:
+        raise RunError(problem)  # before the slow checks: the answer needs no model or data
+    preflight(recipe)
+    staging, resuming = rundir.claim(final_dir, recipe.output.if_exists, resume)
     if resuming:
+        check_resumable(staging, recipe)
         print(f"resuming the stopped run in {staging}", file=sys.stderr)
     stopped = False
     signalled: list[int] = []  # filled by _stop_on_signals
     try:
         recipe = _stage_job_inputs(recipe, staging)
-        (staging / STOP_FILE).unlink(missing_ok=True)
-        (staging / "recipe.yaml").write_text(recipe.to_yaml())
+        (staging / rundir.STOP_FILE).unlink(missing_ok=True)
+        (staging / rundir.RECIPE).write_text(recipe.to_yaml())
         # RAY_ADDRESS: set by `ray job submit` for the job's driver (and by users who export it).
         metrics = _fit(recipe, staging, address or recipe.cluster.address or os.environ.get("RAY_ADDRESS"), signalled)
         if metrics.get("stopped"):
@@ -63,19 +69,55 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
             raise RunStopped(f"stopped at step {metrics['step']} of {metrics['total_steps']} on request; the "
                              f"checkpoint is in {staging}; run the same command with --resume to continue")
         _finish(staging, final_dir, recipe, metrics, started)
-    except BaseException:
-        # Keep nothing half-written under the run's name; the staging folder is kept for a
-        # stopped run (to resume) or when the user asked to keep checkpoints.
-        if not (stopped or signalled or recipe.output.keep_checkpoints):
-            shutil.rmtree(staging, ignore_errors=True)
-        if signalled and not stopped and (staging / "ray").is_dir():
-            # Signalled, and the cluster went down before the stop checkpoint (a plain scancel
-            # stops every step at once): the last epoch checkpoint is still resumable.
-            raise RunStopped(f"interrupted by signal {signalled[0]} before the workers could checkpoint; the last "
-                             f"checkpoint is in {staging}; run the same command with --resume to continue "
-                             "from it") from None
-        raise
+    except BaseException as exc:
+        raise _after_failure(exc, staging, recipe, stopped, signalled) from None
     return RunResult(final_dir, metrics, time.perf_counter() - started)
+
+
+def _after_failure(exc: BaseException, staging: Path, recipe: Recipe, stopped: bool, signalled: list[int]):
+    """What a run that did not finish leaves behind, and the error that says so. Nothing
+    half-written keeps the run's name; a checkpoint is never thrown away."""
+    if stopped:
+        return exc
+    if rundir.has_checkpoint(staging):
+        how = "run the same command with --resume to continue from it"
+        if signalled:
+            name = signal.Signals(signalled[-1]).name
+            return RunStopped(f"interrupted by {name} before the workers could checkpoint; the last checkpoint is "
+                              f"in {staging}; {how}")
+        if isinstance(exc, ShardtuneError):
+            exc.problems[-1] += f" (the last checkpoint is kept in {staging}; {how})"
+            return exc
+        if isinstance(exc, KeyboardInterrupt):
+            return RunStopped(f"interrupted; the last checkpoint is kept in {staging}; {how}")
+        exc.add_note(f"shardtune: the last checkpoint is kept in {staging}; {how}")  # a bug: keep its traceback
+        return exc
+    if not recipe.output.keep_checkpoints:
+        rundir.remove_staging(staging)
+    if isinstance(exc, KeyboardInterrupt) or signalled:
+        return RunStopped("interrupted before the first checkpoint; nothing was kept. Run the command again to "
+                          "start afresh")
+    return exc
+
+
+def check_resumable(staging: Path, recipe: Recipe) -> None:
+    """A resume continues the stopped run only with a recipe that computes the same thing."""
+    import yaml
+
+    from shardtune.checkpoint import recipe_differences
+
+    try:
+        before = yaml.safe_load((staging / rundir.RECIPE).read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no record (killed before it was written): the workers' fingerprint check decides
+    if not isinstance(before, dict):
+        return
+    now = _stage_job_inputs(recipe, staging).model_dump(mode="json")
+    changes = recipe_differences(before, now)
+    if changes:
+        raise RunError(["--resume: the recipe differs from the stopped run's in what it computes, so resuming "
+                        "would not give the run either recipe describes; use the stopped run's values, or start "
+                        f"afresh by deleting {staging}. Differences:", *changes])
 
 
 def preflight(recipe: Recipe) -> None:
@@ -84,7 +126,7 @@ def preflight(recipe: Recipe) -> None:
     from shardtune.adapters import check_module_names
     from shardtune.backbone import check_prequantized
     from shardtune.backbone import load_tokenizer
-    from shardtune.engine import load_data, optimizer_steps_per_epoch
+    from shardtune.data.pipeline import load_data, optimizer_steps_per_epoch
     from shardtune.tasks import get_task
 
     task = get_task(recipe)
@@ -98,20 +140,6 @@ def preflight(recipe: Recipe) -> None:
     optimizer_steps_per_epoch(len(data.train_examples), recipe.cluster.workers, recipe.train)
     check_module_names(recipe, task)
     check_prequantized(recipe)
-
-
-def _claim_output(final_dir: Path, if_exists: str, resume: bool) -> tuple[Path, bool]:
-    """The staging folder, and whether it holds a stopped run to resume."""
-    if final_dir.exists() and any(final_dir.iterdir()) and if_exists == "error":
-        raise RunError(f"output directory '{final_dir}' already exists and is not empty; "
-                       "choose another output.dir or set output.if_exists=overwrite")
-    staging = final_dir.with_name(final_dir.name + ".partial")
-    if resume and (staging / "ray").is_dir():
-        return staging, True
-    if staging.exists():
-        shutil.rmtree(staging)  # left by a crashed earlier attempt of this run
-    staging.mkdir(parents=True)
-    return staging, False
 
 
 def _stage_job_inputs(recipe: Recipe, staging: Path) -> Recipe:
@@ -150,18 +178,28 @@ def ray_job_working_dir() -> bool:
 
 @contextmanager
 def _stop_on_signals(stop_file: Path, signalled: list[int]):
-    """While training, SIGTERM/SIGUSR1 create the stop file the workers poll each step
-    (it lives in the run's storage, which every node sees)."""
+    """While training, SIGTERM/SIGUSR1 and a first Ctrl-C create the stop file the workers
+    poll each step (it lives in the run's storage, which every node sees). A second Ctrl-C
+    raises KeyboardInterrupt: stop now, keeping the last checkpoint."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def request_stop(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in signalled:
+            signalled.append(signum)
+            print("\nCtrl-C again: stopping now; the last checkpoint is kept", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
         signalled.append(signum)
         stop_file.touch()
-        print(f"{signal.Signals(signum).name}: asking the workers to checkpoint and stop", file=sys.stderr)
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: asking the workers to checkpoint at the next step and stop (resume with --resume); "
+                  "press Ctrl-C again to stop now, keeping the last checkpoint", file=sys.stderr, flush=True)
+        else:
+            print(f"{signal.Signals(signum).name}: asking the workers to checkpoint and stop", file=sys.stderr,
+                  flush=True)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield
     finally:
@@ -188,7 +226,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
             env["DS_ACCELERATOR"] = "cpu"
         trainer = TorchTrainer(
             train_loop_per_worker=_ray_worker,
-            train_loop_config={"recipe": recipe.model_dump(mode="json"), "stop_file": str(staging / STOP_FILE)},
+            train_loop_config={"recipe": recipe.model_dump(mode="json"), "stop_file": str(staging / rundir.STOP_FILE)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=use_gpu, resources_per_worker=resources,
                                          placement_strategy=cl.placement.upper()),
@@ -203,7 +241,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
         )
         try:
             # After ray.init, which installs its own SIGTERM handler for drivers.
-            with _stop_on_signals(staging / STOP_FILE, signalled if signalled is not None else []):
+            with _stop_on_signals(staging / rundir.STOP_FILE, signalled if signalled is not None else []):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise _explain_failure(exc) from None
@@ -342,15 +380,8 @@ def _finish(staging: Path, final_dir: Path, recipe: Recipe, final: dict, started
     """metrics.json, then swap the staging folder into place."""
     final.update(write_metrics(staging, recipe, time.perf_counter() - started)["summary"])
     if not recipe.output.keep_checkpoints:
-        shutil.rmtree(staging / "ray", ignore_errors=True)
-    if final_dir.exists():
-        old = final_dir.with_name(final_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final_dir.rename(old)
-        staging.rename(final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final_dir)
+        shutil.rmtree(staging / rundir.RAY_DIR, ignore_errors=True)
+    rundir.publish(staging, final_dir)
 
 
 class _RayReporter:

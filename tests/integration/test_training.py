@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardtune.engine import load_data
+from shardtune.data.pipeline import load_data
 from shardtune.export import forward_outputs, load_run
 from shardtune.orchestrate import run
 from shardtune.recipe import validate_recipe

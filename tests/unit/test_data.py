@@ -7,7 +7,7 @@ import json
 import pytest
 
 from shardtune.data import read_rows, sample, split_train_validation
-from shardtune.engine import epoch_micro_batches, eval_shard
+from shardtune.data.pipeline import epoch_micro_batches, eval_shard
 from shardtune.errors import DataError
 from shardtune.recipe import DataSource, validate_recipe
 from shardtune.tasks import get_task
@@ -187,7 +187,7 @@ def _write_jsonl(path, records):
 def test_load_data_skips_rows_that_do_not_fit_the_task_and_counts_them(tiny_recipe, tmp_path):
     from transformers import AutoTokenizer
 
-    from shardtune.engine import load_data
+    from shardtune.data.pipeline import load_data
 
     good = [{"text": f"good film {i}", "label": "pos"} for i in range(10)] + \
            [{"text": f"bad film {i}", "label": "neg"} for i in range(10)]
@@ -212,7 +212,7 @@ def test_load_data_skips_rows_that_do_not_fit_the_task_and_counts_them(tiny_reci
 def test_skip_mode_still_refuses_a_file_that_is_mostly_bad(tiny_recipe, tmp_path):
     from transformers import AutoTokenizer
 
-    from shardtune.engine import load_data
+    from shardtune.data.pipeline import load_data
 
     # Labels in the wrong column: every row lacks one; skipping would silently train on nothing.
     train = _write_jsonl(tmp_path / "train.jsonl", [{"text": f"t {i}", "y": "pos"} for i in range(10)])

@@ -236,7 +236,7 @@ def _good_and_bad(kind):
 def test_bad_rows_are_skipped_and_reported_for_every_task(kind, tiny_recipe, tokenizer, tiny_llama):
     from transformers import AutoTokenizer
 
-    from shardtune.engine import drop_bad_rows
+    from shardtune.data.pipeline import drop_bad_rows
 
     extra = {"max_length": 64}
     if kind == "causal_lm":

@@ -81,9 +81,29 @@ def validate_recipe(raw: dict, *, where: str = "recipe", check_files: bool = Tru
     except ValidationError as exc:
         raise RecipeError([_explain(err) for err in exc.errors()], where=where) from None
     problems = check_rules(recipe, check_files=check_files)
+    if check_files:
+        from shardtune.rundir import output_dir_problems
+
+        problems += output_dir_problems(recipe.output.dir, _local_inputs(recipe, where))
     if problems:
         raise RecipeError(problems, where=where)
     return absolute_paths(recipe)
+
+
+def _local_inputs(recipe: Recipe, where: str) -> list[Path]:
+    """The recipe file and the local files and folders it reads, resolved."""
+    found = [Path(where).resolve()] if Path(where).is_file() else []
+    specs = [recipe.model.path, recipe.data.train.path]
+    if recipe.data.validation is not None:
+        specs.append(recipe.data.validation.path)
+    for spec in specs:
+        try:
+            local = resolve_local(spec)
+        except RecipeError:
+            continue  # reported by check_rules
+        if local is not None:
+            found.append(local)
+    return found
 
 
 def absolute_paths(recipe: Recipe) -> Recipe:

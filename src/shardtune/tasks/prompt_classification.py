@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from shardtune.data import Row
 from shardtune.errors import DataError, RecipeError
@@ -37,14 +37,14 @@ class PromptClassification:
     target_keys = ("labels",)
 
     def __init__(self, recipe):
-        from shardtune.backbone import model_location
+        from shardtune.backbone import load_config
 
         self.options, self.recipe = recipe.task, recipe
         self.max_length = recipe.data.max_length
         self.columns = recipe.data.columns
         self.label_col = self.columns.get("label", "label")
         self.templates = [tpl.parse(t) for t in self.options.templates]  # validated with the recipe
-        self.config = AutoConfig.from_pretrained(model_location(recipe))
+        self.config = load_config(recipe)
         self.family = self.options.family if self.options.family != "auto" else family_of_config(self.config)
         self.peft_task_type = PEFT_TASK_TYPES[self.family]
         auto = self.options.verbalizer == "auto"

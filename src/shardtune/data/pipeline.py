@@ -1,0 +1,114 @@
+"""The data pipeline every rank and the driver share: read, split, sample, drop bad rows,
+tokenise, augment per epoch, and cut each rank's micro-batches and evaluation shard.
+
+Same result on every rank: every choice is seeded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from shardtune.data.readers import read_rows
+from shardtune.data.splits import few_shot, sample, split_train_validation
+from shardtune.errors import DataError
+
+if TYPE_CHECKING:
+    from shardtune.recipe import Recipe
+
+
+@dataclass
+class Data:
+    train_rows: list
+    val_rows: list
+    train_examples: list
+    val_examples: list
+    skipped: dict  # split -> bad rows left out (data.on_bad_row: skip)
+    problems: list  # the first few of those rows' problems, for the log
+
+
+def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
+    """Read, split, sample and tokenise, and fix the task's labels from the training rows.
+    Same result on every rank (all seeded). encode=False: the rows only (zero-shot
+    inference tokenises just what it scores)."""
+    skip = recipe.data.on_bad_row == "skip"
+    bad_train: list[str] | None = [] if skip else None
+    bad_val: list[str] | None = [] if skip else None
+    train_rows = read_rows(recipe.data.train, bad_train)
+    if recipe.data.validation is not None:
+        val_rows = read_rows(recipe.data.validation, bad_val)
+    else:
+        train_rows, val_rows = split_train_validation(train_rows, recipe.data.validation_split,
+                                                      recipe.train.seed)
+    if recipe.data.few_shot_per_class:
+        train_rows = few_shot(train_rows, recipe.data.few_shot_per_class, task.row_label, recipe.train.seed)
+    train_rows = sample(train_rows, recipe.data.max_train_examples, recipe.train.seed)
+    val_rows = sample(val_rows, recipe.data.max_eval_examples, recipe.train.seed)
+    task.fit_labels(train_rows)
+    if skip:
+        train_rows = drop_bad_rows(train_rows, task, tokenizer, bad_train, recipe.data.train.path)
+        val_rows = drop_bad_rows(val_rows, task, tokenizer, bad_val,
+                                 (recipe.data.validation or recipe.data.train).path)
+    skipped = {"train": len(bad_train or []), "validation": len(bad_val or [])}
+    examples = [task.encode(rows, tokenizer) if encode else [] for rows in (train_rows, val_rows)]
+    return Data(train_rows, val_rows, *examples, skipped, ((bad_train or []) + (bad_val or []))[:5])
+
+
+def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_targets: bool = True) -> list:
+    """The rows that encode on their own; the others' problems go to `bad`. A file that is
+    mostly bad is not what the recipe says it is: that stays an error."""
+    good = []
+    for row in rows:
+        try:
+            task.encode([row], tokenizer, with_targets=with_targets)
+            good.append(row)
+        except DataError as exc:
+            bad.append(str(exc))
+    if not good or len(bad) > len(good):
+        raise DataError([f"'{path}': {len(bad)} of {len(bad) + len(good)} rows do not fit the task, so the file is "
+                         "probably not the format or columns the recipe says; the first problems:", *bad[:3]])
+    return good
+
+
+def augmented_examples(recipe: Recipe, task, tokenizer, train_rows, epoch: int):
+    """This epoch's training examples with a fresh, seeded draw of augmentations."""
+    from shardtune.data.augment import Augmenter
+
+    augmenter = Augmenter(recipe.data.augment, seed=recipe.train.seed * 100_003 + epoch)
+    rows = [task.augment(row, augmenter) if augmenter.should_augment() else row for row in train_rows]
+    return task.encode(rows, tokenizer)
+
+
+def epoch_micro_batches(n_examples: int, world: int, rank: int, micro: int, accum: int,
+                        seed: int, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches (example indices) for one epoch.
+
+    Every rank gets the same number of micro-batches, a multiple of the accumulation
+    steps: ZeRO's collectives hang if one rank steps more often than another.
+    """
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = n_examples // world
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    n_micro = (math.ceil(per_rank / micro) // accum) * accum
+    return [mine[i * micro:(i + 1) * micro] for i in range(n_micro)]
+
+
+def optimizer_steps_per_epoch(n_examples: int, world: int, train) -> int:
+    micro = len(epoch_micro_batches(n_examples, world, 0, train.micro_batch_size,
+                                    train.gradient_accumulation_steps, train.seed, 0))
+    steps = micro // train.gradient_accumulation_steps
+    if steps == 0:
+        raise DataError(f"{n_examples} training examples are too few for one optimizer step "
+                        f"with {world} workers x micro_batch_size {train.micro_batch_size} x "
+                        f"gradient_accumulation_steps {train.gradient_accumulation_steps}; lower those")
+    return steps
+
+
+def eval_shard(n_examples: int, world: int, rank: int) -> list[int]:
+    """Strided shard, padded with repeats so every rank runs the same number of forwards."""
+    mine = list(range(rank, n_examples, world))
+    per_rank = math.ceil(n_examples / world)
+    return mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
