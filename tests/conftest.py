@@ -57,8 +57,9 @@ def ray_session():
     """One embedded Ray instance for every test that trains; shardtune reuses it."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+    from shardtune.orchestrate import start_embedded_cluster
+
+    start_embedded_cluster(num_cpus=4, log_to_driver=True, configure_logging=False)
     yield
     ray.shutdown()  # this process's cluster only; never `ray stop`
 

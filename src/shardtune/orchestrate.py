@@ -83,8 +83,8 @@ def _after_failure(exc: BaseException, staging: Path, recipe: Recipe, stopped: b
         how = "run the same command with --resume to continue from it"
         if signalled:
             name = signal.Signals(signalled[-1]).name
-            return RunStopped(f"interrupted by {name} before the workers could checkpoint; the last checkpoint is "
-                              f"in {staging}; {how}")
+            return RunStopped(f"interrupted by {name}; the last checkpoint the workers saved is kept in {staging}; "
+                              f"{how}")
         if isinstance(exc, ShardtuneError):
             exc.problems[-1] += f" (the last checkpoint is kept in {staging}; {how})"
             return exc
@@ -224,7 +224,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
         env.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         if not use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
-        trainer = TorchTrainer(
+        trainer = _trainer_class(TorchTrainer)(
             train_loop_per_worker=_ray_worker,
             train_loop_config={"recipe": recipe.model_dump(mode="json"), "stop_file": str(staging / rundir.STOP_FILE)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -245,6 +245,9 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
                 result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise _explain_failure(exc) from None
+        except KeyboardInterrupt:
+            trainer.kill_controller()  # a second Ctrl-C: stop the workers now
+            raise
         if result.metrics and result.metrics.get("stopped"):
             return result.metrics
         if result.checkpoint is None or not result.metrics.get("final"):
@@ -256,6 +259,29 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _trainer_class(base):
+    """Ray Train's trainer, without its own Ctrl-C handler.
+
+    Ray's handler (registered inside fit) aborts the run on the first Ctrl-C and throws
+    away the chance to checkpoint; shardtune's (_stop_on_signals) checkpoints first."""
+    class Trainer(base):
+        _controller = None
+
+        def _register_sigint_handler(self, controller):
+            self._controller = controller
+
+        def kill_controller(self) -> None:
+            import ray
+
+            if self._controller is not None:
+                try:
+                    ray.kill(self._controller)
+                except Exception:  # already gone with the cluster
+                    pass
+
+    return Trainer
 
 
 def _connect(recipe: Recipe, address: str | None) -> bool:
@@ -283,12 +309,105 @@ def _connect(recipe: Recipe, address: str | None) -> bool:
         return True
     cl = recipe.cluster
     needed = cl.workers * cl.cpus_per_worker
-    # "local" never attaches to a cluster left running on the host. No dashboard: an
-    # embedded cluster serves nothing to the network.
-    ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1),
-             num_gpus=int(cl.workers * cl.gpus_per_worker) or None,
-             include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+    start_embedded_cluster(num_cpus=max(needed, os.cpu_count() or 1),
+                           num_gpus=int(cl.workers * cl.gpus_per_worker) or None, **quiet)
     return True
+
+
+# Run in its own session beside an embedded cluster: when this process dies without saying
+# goodbye (SIGKILL, the OOM killer), the pipe closes unanswered and the cluster's processes
+# go too. Ray's own agents otherwise outlive their raylet for minutes.
+_REAPER = """
+import sys, psutil
+procs = []
+for spec in sys.argv[1:]:
+    pid, created = spec.split(":")
+    try:
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) < 0.01:
+            procs.append(p)
+    except psutil.Error:
+        pass
+if sys.stdin.read() != "ok":
+    found = list(procs)
+    for p in procs:
+        try:
+            found += p.children(recursive=True)
+        except psutil.Error:
+            pass
+    for p in found:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+"""
+
+
+def _reap_if_killed() -> None:
+    import atexit
+    import subprocess
+
+    import psutil
+
+    mine = psutil.Process().children(recursive=True)
+    specs = [f"{p.pid}:{p.create_time()}" for p in mine]
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *specs], stdin=subprocess.PIPE, text=True,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def goodbye() -> None:  # a normal exit: Ray's own shutdown stops its processes
+        try:
+            reaper.stdin.write("ok")
+            reaper.stdin.close()
+        except OSError:
+            pass
+
+    atexit.register(goodbye)
+
+
+@contextmanager
+def _cluster_mode_off(ray_constants):
+    """Only while the embedded cluster starts (its processes inherit the switch): clusters
+    this process starts or joins later (`ray start` in a test, --address) are not changed."""
+    name, before = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def start_embedded_cluster(**kwargs) -> None:
+    """A single-node Ray cluster in this process that listens on 127.0.0.1 only.
+
+    On Linux, Ray replaces a node address of 127.0.0.1 with the machine's own address and
+    then binds its GCS, raylet, worker, agent and metrics ports to all interfaces. With
+    "cluster mode" off (the switch Ray reads on macOS and Windows) it keeps 127.0.0.1 and
+    binds every port there; Ray's child processes read the same switch from the
+    environment. "local" never attaches to a cluster left running on the host; no
+    dashboard. A start that times out under load is retried once."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    for attempt in (1, 2):
+        try:
+            with _cluster_mode_off(ray_constants):
+                ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+            _reap_if_killed()
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a node that did not come up
+            if "timed out during startup" not in str(exc) and "Timed out" not in str(exc):
+                raise
+            if ray.is_initialized():
+                ray.shutdown()
+            if attempt == 2:
+                raise RunError("the embedded Ray cluster did not start twice in a row (\"The current node timed "
+                               "out during startup\"): the machine is probably overloaded or short of memory; "
+                               "retry when it is quieter, or attach to a running cluster with --address") from None
 
 
 # File systems that live on one node. A multi-node run on one of these would write each
