@@ -20,6 +20,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(TESTS))
 
 import tiny_models  # noqa: E402
+from helpers import make_tiny_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,17 +40,7 @@ def sentiment_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def tiny_recipe(tiny_bert, sentiment_data, tmp_path):
     """A raw recipe dict for the tiny model and data; tests change what they need."""
-    return {
-        "model": {"path": str(tiny_bert)},
-        "adapter": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["query", "value"]},
-        "task": {"type": "sequence_classification"},
-        "data": {"train": str(sentiment_data["train"]), "validation_split": 0.2, "max_length": 32},
-        "train": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 2e-2, "warmup_ratio": 0.0,
-                  "log_every_steps": 10},
-        "sharding": {"zero_stage": 2},
-        "cluster": {"workers": 2},
-        "output": {"dir": str(tmp_path / "run")},
-    }
+    return make_tiny_recipe(tiny_bert, sentiment_data, tmp_path / "run")
 
 
 @pytest.fixture(scope="session")

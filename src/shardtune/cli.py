@@ -308,9 +308,9 @@ def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_tar
     if fmt is None and source.resolved_format == "":
         source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
     if loaded.recipe.data.on_bad_row == "error":
-        return loaded, read_rows(source)
+        return loaded, read_rows(source, max_chars=loaded.recipe.data.max_chars)
     bad: list[str] = []
-    rows = drop_bad_rows(read_rows(source, bad), loaded.task, loaded.tokenizer, bad, str(data), with_targets)
+    rows = drop_bad_rows(read_rows(source, bad, loaded.recipe.data.max_chars), loaded.task, loaded.tokenizer, bad, str(data), with_targets)
     if bad:
         err.print(f"data.on_bad_row is skip: left out {len(bad)} bad rows of '{data}'; first: {bad[0]}", markup=False)
     return loaded, rows

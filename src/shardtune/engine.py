@@ -48,7 +48,10 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
 
-    def latest_checkpoint(self) -> str | None: ...
+    def latest_checkpoint(self, scratch: Path) -> str | None:
+        """The checkpoint to resume from (or None); `scratch` is this worker's own folder, for
+        launchers that must download it first."""
+        ...
 
     def stop_requested(self) -> bool:
         """True once the launcher was asked to stop (SIGTERM, SIGINT, Slurm's warning signal)."""
@@ -165,7 +168,7 @@ def setup(recipe: Recipe, reporter: Reporter, rank: int, world: int, device: tor
 
     w.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                              config=deepspeed_config(recipe, world))
-    resume(w, reporter.latest_checkpoint())
+    resume(w, reporter.latest_checkpoint(work_dir))
     return w
 
 
@@ -257,7 +260,9 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
             saved = save_checkpoint(w, f"checkpoint-stop-{step}", epoch, n + 1, loss_sum)
             w.log(f"stop requested: saved a checkpoint at step {step}/{w.total_steps}; resume with "
                   "`shardtune run RECIPE --resume`")
-            reporter.report({"stopped": True, "step": step, "total_steps": w.total_steps}, str(saved))
+            # The last evaluation's metrics too: a checkpoint kept by keep_best_by is ranked by them.
+            reporter.report({**(w.history[-1] if w.history else {}), "stopped": True, "step": step,
+                             "total_steps": w.total_steps}, str(saved))
             return None
     return loss_sum
 
@@ -291,6 +296,10 @@ def evaluate(w: Worker, epoch: float, **extra) -> dict:
     by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
     ordered = [by_index[i] for i in range(len(val))]
     metrics = {"epoch": round(epoch, 4), "step": w.engine.global_steps, **w.task.metrics(ordered, val), **extra}
+    best = w.recipe.output.keep_best_by
+    if best is not None and best not in metrics:
+        raise RecipeError(f"output.keep_best_by: {best!r} is not a metric this task reports; it reports "
+                          f"{sorted(k for k in metrics if k not in ('epoch', 'step'))}")
     w.history.append(metrics)
     w.log.scalars("validation", metrics, w.engine.global_steps)
     w.log("validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
@@ -451,7 +460,7 @@ class LocalReporter:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    def latest_checkpoint(self) -> str | None:
+    def latest_checkpoint(self, scratch: Path) -> str | None:
         for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames
             if checkpoint.exists(self.output_dir / name):
                 return str(self.output_dir / name)

@@ -23,7 +23,7 @@ from pathlib import Path
 from shardtune import rundir
 from shardtune.engine import train_worker
 from shardtune.export import write_metrics
-from shardtune.errors import RunError, RunStopped, ShardtuneError
+from shardtune.errors import RecipeError, RunError, RunStopped, ShardtuneError
 from shardtune.recipe import Recipe
 
 # Environment every worker needs: no hub access attempts when offline, quiet tokenizers.
@@ -49,8 +49,12 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
     """
     started = time.perf_counter()
     final_dir = Path(recipe.output.dir).resolve()
+    # RAY_ADDRESS: set by `ray job submit` for the job's driver (and by users who export it).
+    address = address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
     if (problem := rundir.claim_problem(final_dir, recipe.output.if_exists, resume)) is not None:
         raise RunError(problem)  # before the slow checks: the answer needs no model or data
+    if address is None:
+        check_fits_this_machine(recipe)
     preflight(recipe)
     staging, resuming = rundir.claim(final_dir, recipe.output.if_exists, resume)
     if resuming:
@@ -62,8 +66,7 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
         recipe = _stage_job_inputs(recipe, staging)
         (staging / rundir.STOP_FILE).unlink(missing_ok=True)
         (staging / rundir.RECIPE).write_text(recipe.to_yaml())
-        # RAY_ADDRESS: set by `ray job submit` for the job's driver (and by users who export it).
-        metrics = _fit(recipe, staging, address or recipe.cluster.address or os.environ.get("RAY_ADDRESS"), signalled)
+        metrics = _fit(recipe, staging, address, signalled)
         if metrics.get("stopped"):
             stopped = True
             raise RunStopped(f"stopped at step {metrics['step']} of {metrics['total_steps']} on request; the "
@@ -98,6 +101,24 @@ def _after_failure(exc: BaseException, staging: Path, recipe: Recipe, stopped: b
         return RunStopped("interrupted before the first checkpoint; nothing was kept. Run the command again to "
                           "start afresh")
     return exc
+
+
+def check_fits_this_machine(recipe: Recipe) -> None:
+    """An embedded cluster is this machine: it cannot have more CPUs or GPUs than it has."""
+    import torch
+
+    cl, cpus = recipe.cluster, os.cpu_count() or 1
+    if cl.workers * cl.cpus_per_worker > cpus:
+        raise RecipeError(f"cluster.workers {cl.workers} x cluster.cpus_per_worker {cl.cpus_per_worker:g} needs "
+                          f"{cl.workers * cl.cpus_per_worker:g} CPUs, and the embedded cluster runs on this machine's "
+                          f"{cpus}; lower them, or attach to a cluster with --address")
+    if cl.gpus_per_worker > 0:
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cl.workers * cl.gpus_per_worker > have:
+            raise RecipeError(f"cluster.workers {cl.workers} x cluster.gpus_per_worker {cl.gpus_per_worker:g} needs "
+                              f"{cl.workers * cl.gpus_per_worker:g} GPUs, and this machine has {have} that torch can "
+                              "use; set cluster.gpus_per_worker: 0 to train on CPU, or attach to a GPU cluster "
+                              "with --address")
 
 
 def check_resumable(staging: Path, recipe: Recipe) -> None:
@@ -209,7 +230,7 @@ def _stop_on_signals(stop_file: Path, signalled: list[int]):
 
 def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int] | None = None) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started_here = _connect(recipe, address)
@@ -232,7 +253,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
                                          placement_strategy=cl.placement.upper()),
             run_config=RunConfig(
                 name="ray", storage_path=str(staging),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                checkpoint_config=checkpoint_config(recipe),
                 # Ray retries a worker group that cannot be placed forever by default; an
                 # embedded cluster never grows, and an attached one gets ~10 minutes to scale.
                 failure_config=FailureConfig(max_failures=cl.max_failures,
@@ -259,6 +280,19 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
     finally:
         if started_here:
             ray.shutdown()
+
+
+def checkpoint_config(recipe: Recipe):
+    """Retention: the last N checkpoints, or the best N by a validation metric. Ray always
+    keeps the latest one as well, which is what a failure or --resume continues from."""
+    from ray.train import CheckpointConfig
+
+    out = recipe.output
+    if out.keep_best_by is None:
+        return CheckpointConfig(num_to_keep=out.checkpoints_to_keep)
+    mode = out.keep_best_mode or ("min" if "loss" in out.keep_best_by else "max")
+    return CheckpointConfig(num_to_keep=out.checkpoints_to_keep, checkpoint_score_attribute=out.keep_best_by,
+                            checkpoint_score_order=mode)
 
 
 def _trainer_class(base):
@@ -521,11 +555,23 @@ class _RayReporter:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    def latest_checkpoint(self) -> str | None:
+    def latest_checkpoint(self, scratch: Path) -> str | None:
+        """The last reported checkpoint, read in place when the run's storage is a local or
+        shared file system, else downloaded into this worker's own scratch folder.
+
+        Not Checkpoint.to_directory(): it downloads into one temporary folder per node,
+        and a second worker on the node can start downloading again after the first
+        finished, rewriting the files the first is loading (seen as a corrupt zip after a
+        SIGKILLed driver's run was resumed)."""
+        import pyarrow.fs
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint else None
+        if checkpoint is None:
+            return None
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and os.path.isdir(checkpoint.path):
+            return checkpoint.path
+        return checkpoint.to_directory(str(scratch / "restored"))
 
 
 def _ray_worker(config: dict) -> None:

@@ -91,7 +91,13 @@ def cluster():
 
 
 def _recipe(tiny_recipe, tmp_path, **cluster) -> dict:
+    """The tiny recipe as a project folder holds it (model and data beside the recipe):
+    `shardtune submit` uploads only what is under the recipe's folder unless told more."""
     raw = json.loads(json.dumps(tiny_recipe))
+    if not (tmp_path / "model").exists():
+        shutil.copytree(raw["model"]["path"], tmp_path / "model")
+        shutil.copy(raw["data"]["train"], tmp_path / "train.jsonl")
+    raw["model"]["path"], raw["data"]["train"] = str(tmp_path / "model"), str(tmp_path / "train.jsonl")
     raw["cluster"] = {"workers": 2, "cpus_per_worker": 1, "placement": "spread", **cluster}
     raw["output"]["dir"] = str(tmp_path / "run")
     return raw

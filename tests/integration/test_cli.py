@@ -84,20 +84,29 @@ def test_existing_output_is_refused_and_kept(trained_run):
     before = (trained_run["dir"] / "metrics.json").read_text()
     result = cli.invoke(app, ["run", str(trained_run["recipe"])])
     assert result.exit_code != 0
-    assert "already exists" in result.output and "output.if_exists=overwrite" in result.output
+    assert "already holds a run" in result.output and "output.if_exists=overwrite" in result.output
     assert (trained_run["dir"] / "metrics.json").read_text() == before
 
 
-def test_overwrite_replaces_the_run(trained_run, tmp_path):
+def test_overwrite_replaces_an_earlier_run_only(trained_run, tmp_path):
+    import shutil
+
     raw = copy.deepcopy(trained_run["raw"])
     raw["output"] = {"dir": str(tmp_path / "again"), "if_exists": "overwrite"}
-    (tmp_path / "again").mkdir()
-    (tmp_path / "again" / "stale.txt").write_text("old")
     recipe = write_recipe(tmp_path / "r.yaml", raw)
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "mine.txt").write_text("not a run")
+    result = cli.invoke(app, ["run", str(recipe), "train.epochs=1"])
+    assert result.exit_code == 1 and "is not a shardtune run" in result.output
+    assert (tmp_path / "again" / "mine.txt").read_text() == "not a run"
+
+    shutil.rmtree(tmp_path / "again")
+    shutil.copytree(trained_run["dir"], tmp_path / "again")  # an earlier run: it carries the marker
+    (tmp_path / "again" / "stale.txt").write_text("old")
     result = cli.invoke(app, ["run", str(recipe), "train.epochs=1"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "again" / "stale.txt").exists()
-    assert (tmp_path / "again" / "adapter").is_dir()
+    assert (tmp_path / "again" / "adapter").is_dir() and (tmp_path / "again" / ".shardtune-run").is_file()
 
 
 @pytest.mark.parametrize("rows,fragment", [

@@ -85,8 +85,12 @@ def test_resume_after_a_killed_worker_matches_an_uninterrupted_run(ray_session, 
     np.testing.assert_allclose([m["loss"] for m in ours], [m["loss"] for m in theirs], rtol=1e-5)
 
 
-def test_killed_worker_without_retries_fails_cleanly(ray_session, fault_recipe, tmp_path):
+def test_killed_worker_without_retries_keeps_the_checkpoint(ray_session, fault_recipe, tmp_path):
     fault_recipe["output"]["dir"] = str(tmp_path / "out")
-    with pytest.raises(RunError, match="training failed; worker"):
+    with pytest.raises(RunError, match="training failed; worker") as info:
         run_with_fault(fault_recipe)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert "the last checkpoint is kept in" in info.value.render() and "--resume" in info.value.render()
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "ray").is_dir()
+    result = run(validate_recipe(fault_recipe), resume=True)
+    assert "resumed from the checkpoint" in (result.output_dir / "logs" / "train.log").read_text()
+

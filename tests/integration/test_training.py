@@ -38,6 +38,9 @@ def stage_runs(ray_session, tiny_bert, sentiment_data, tmp_path_factory):
         raw = copy.deepcopy(base)
         raw["sharding"] = {"zero_stage": stage}
         raw["output"] = {"dir": str(tmp_path_factory.mktemp(f"zero{stage}") / "run")}
+        if stage == 1:  # retention, ranked the wrong way round on purpose: keep the worst-loss epoch
+            raw["output"].update(keep_checkpoints=True, checkpoints_to_keep=1, keep_best_by="loss",
+                                 keep_best_mode="max")
         runs[stage] = run(validate_recipe(raw)).output_dir
     return runs
 
@@ -57,6 +60,13 @@ def test_run_directory_is_complete(stage_runs):
     assert json.loads((run_dir / "task.json").read_text()) == {"labels": ["neg", "pos"]}
     log = (run_dir / "logs" / "train.log").read_text()
     assert "model ready" in log and "validation loss" in log
+
+
+def test_checkpoints_kept_are_the_best_by_the_recipes_metric(stage_runs):
+    history = metrics_of(stage_runs[1])["history"][1:]  # the three epoch evaluations
+    worst = max(history, key=lambda m: m["loss"])["epoch"]
+    kept = [json.loads(p.read_text())["epoch"] for p in (stage_runs[1] / "ray").glob("checkpoint_*/trainstate.json")]
+    assert kept == [worst]
 
 
 def test_training_learns(stage_runs):

@@ -37,9 +37,9 @@ def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
     skip = recipe.data.on_bad_row == "skip"
     bad_train: list[str] | None = [] if skip else None
     bad_val: list[str] | None = [] if skip else None
-    train_rows = read_rows(recipe.data.train, bad_train)
+    train_rows = read_rows(recipe.data.train, bad_train, recipe.data.max_chars)
     if recipe.data.validation is not None:
-        val_rows = read_rows(recipe.data.validation, bad_val)
+        val_rows = read_rows(recipe.data.validation, bad_val, recipe.data.max_chars)
     else:
         train_rows, val_rows = split_train_validation(train_rows, recipe.data.validation_split,
                                                       recipe.train.seed)

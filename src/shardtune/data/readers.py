@@ -28,10 +28,12 @@ class Row:
         return self.values.get(column)
 
 
-def read_rows(source: DataSource, bad: list[str] | None = None) -> list[Row]:
+def read_rows(source: DataSource, bad: list[str] | None = None, max_chars: int | None = None) -> list[Row]:
     path = resolve_local(source.path)
     if path is None or not path.exists():
         raise DataError(f"data file '{source.path}' does not exist")
+    if path.is_file() and not path.stat().st_size:
+        raise DataError(f"'{source.path}' is empty")
     fmt = source.resolved_format
     readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_delimited,
                "tsv": _read_delimited, "textdir": _read_textdir, "conll": _read_conll,
@@ -39,10 +41,60 @@ def read_rows(source: DataSource, bad: list[str] | None = None) -> list[Row]:
     if fmt not in readers:
         raise DataError(f"'{source.path}': unknown format '{fmt}'; one of {sorted(readers)}")
     problems = _Problems(bad)
-    rows = readers[fmt](path, source, problems)
+    rows = [row for row in readers[fmt](path, source, problems) if _fits(row, max_chars, problems)]
     if not rows:
         raise DataError(f"'{source.path}' holds no examples")
     return rows
+
+
+def _fits(row: Row, max_chars: int | None, problem) -> bool:
+    """Text with NUL bytes is binary data, and a multi-megabyte field would be tokenised for
+    minutes only to be truncated to max_length tokens: both are the row's problem."""
+    for column, value in row.values.items():
+        for text in _strings(value):
+            if "\x00" in text:
+                problem(f"{row.where}: column '{column}' contains a NUL byte; is this a binary file?")
+                return False
+            if max_chars is not None and len(text) > max_chars:
+                problem(f"{row.where}: column '{column}' holds {len(text):,} characters, over data.max_chars "
+                        f"({max_chars:,}); raise data.max_chars or split the text")
+                return False
+    return True
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+
+
+def _lines(path: Path, problem):
+    """(line number, text) of a UTF-8 file; a leading BOM is dropped, and a line that is not
+    UTF-8 is the line's problem, with the byte that is wrong."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _whole_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode the file as "
+                        "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 class _Problems:
@@ -59,25 +111,24 @@ class _Problems:
 
 def _read_jsonl(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problem(f"{path}:{number}: not a JSON object ({exc.msg}); jsonl holds one JSON object per line")
-                continue
-            if not isinstance(record, dict):
-                problem(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                continue
-            rows.append(Row(record, f"{path}:{number}"))
+    for number, line in _lines(path, problem):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problem(f"{path}:{number}: not a JSON object ({exc.msg}); jsonl holds one JSON object per line")
+            continue
+        if not isinstance(record, dict):
+            problem(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            continue
+        rows.append(Row(record, f"{path}:{number}"))
     return rows
 
 
 def _read_json(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_whole_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     # Accept a list of records, or the common {"data": [...]} wrapper.
@@ -96,25 +147,38 @@ def _read_json(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
 
 
 def _read_delimited(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
+    # csv's own limit (128 KiB a field) would make long documents a parser error; data.max_chars
+    # is the limit that says what to change.
+    csv.field_size_limit(2**31 - 1)
     delimiter = "\t" if source.resolved_format == "tsv" else ","
     rows = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        # GLUE tsv files contain bare quotes inside sentences; tsv is read without quoting.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        names = source.column_names
-        for number, cells in enumerate(reader, start=1):
-            if names is None:  # header row
-                names = [c.strip() for c in cells]
-                if len(set(names)) != len(names):
-                    raise DataError(f"{path}:1: repeated column names in header {names}")
-                continue
-            if not cells or all(not c.strip() for c in cells):
-                continue
-            if len(cells) != len(names):
-                problem(f"{path}:{number}: {len(cells)} fields, expected {len(names)} ({', '.join(names)})")
-                continue
-            rows.append(Row(dict(zip(names, cells)), f"{path}:{number}"))
+    # GLUE tsv files contain bare quotes inside sentences; tsv is read without quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    # strict: an unclosed quote is an error, not a field that swallows the rest of the file.
+    reader = csv.reader((line for _, line in _lines(path, problem)), delimiter=delimiter, quoting=quoting,
+                        strict=delimiter == ",")
+    names = source.column_names
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit, or an unclosed quote
+            problem(f"{path}:{reader.line_num}: {exc}; is a quote never closed? (csv quotes a field that holds "
+                    "commas or newlines with \"...\", and a quote inside it as \"\")")
+            continue
+        number = reader.line_num
+        if names is None:  # header row
+            names = [c.strip() for c in cells]
+            if len(set(names)) != len(names):
+                raise DataError(f"{path}:1: repeated column names in header {names}")
+            continue
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if len(cells) != len(names):
+            problem(f"{path}:{number}: {len(cells)} fields, expected {len(names)} ({', '.join(names)})")
+            continue
+        rows.append(Row(dict(zip(names, cells)), f"{path}:{number}"))
     return rows
 
 
@@ -130,7 +194,7 @@ def _read_textdir(path: Path, source: DataSource, problem: _Problems) -> list[Ro
                 continue
             raw = file.read_bytes()
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig")
             except UnicodeDecodeError:
                 text = raw.decode("latin-1")  # older corpora; every byte is valid Latin-1
             rows.append(Row({"text": text.strip(), "label": label_dir.name}, str(file)))
@@ -151,25 +215,24 @@ def _read_conll(path: Path, source: DataSource, problem: _Problems) -> list[Row]
             rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{start}"))
         tokens, tags, broken = [], [], False
 
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                flush(number)
-                start = number + 1
-                continue
-            if line.startswith("-DOCSTART-"):
-                start = number + 1
-                continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            if not tokens:
-                start = number
-            if len(fields) < 2:
-                problem(f"{path}:{number}: expected a token and a tag separated by a tab or spaces, got {line!r}")
-                broken = True
-            token = fields[0][len(prefix):] if prefix and fields[0].startswith(prefix) else fields[0]
-            tokens.append(token)
-            tags.append(fields[-1])
+    for number, line in _lines(path, problem):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            flush(number)
+            start = number + 1
+            continue
+        if line.startswith("-DOCSTART-"):
+            start = number + 1
+            continue
+        fields = line.split("\t") if "\t" in line else line.split()
+        if not tokens:
+            start = number
+        if len(fields) < 2:
+            problem(f"{path}:{number}: expected a token and a tag separated by a tab or spaces, got {line!r}")
+            broken = True
+        token = fields[0][len(prefix):] if prefix and fields[0].startswith(prefix) else fields[0]
+        tokens.append(token)
+        tags.append(fields[-1])
     flush(0)
     return rows
 
@@ -177,20 +240,19 @@ def _read_conll(path: Path, source: DataSource, problem: _Problems) -> list[Row]
 def _read_wordtag(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     """One sentence a line, tokens `word###TAG` separated by spaces."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            tokens, tags = [], []
-            for item in line.split():
-                word, sep, tag = item.rpartition("###")
-                if not sep or not word or not tag:
-                    problem(f"{path}:{number}: {item!r} is not word###TAG")
-                    break
-                tokens.append(word)
-                tags.append(tag)
-            else:
-                rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{number}"))
+    for number, line in _lines(path, problem):
+        if not line.strip():
+            continue
+        tokens, tags = [], []
+        for item in line.split():
+            word, sep, tag = item.rpartition("###")
+            if not sep or not word or not tag:
+                problem(f"{path}:{number}: {item!r} is not word###TAG")
+                break
+            tokens.append(word)
+            tags.append(tag)
+        else:
+            rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{number}"))
     return rows
 
 
@@ -198,22 +260,52 @@ def _read_wordtag(path: Path, source: DataSource, problem: _Problems) -> list[Ro
 def _read_squad(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     """SQuAD 1.1 / 2.0 json: one row per question with its context and gold answers."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_whole_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise DataError(f"{path}: not a SQuAD file (expected {{\"data\": [{{\"paragraphs\": ...}}]}})")
     rows = []
     for a, article in enumerate(data["data"]):
-        for p, paragraph in enumerate(article.get("paragraphs", [])):
+        for p, paragraph in enumerate(_objects(article, "paragraphs", f"{path}#data[{a}]", problem)):
+            where_p = f"{path}#data[{a}].paragraphs[{p}]"
             context = paragraph.get("context")
-            for q, qa in enumerate(paragraph.get("qas", [])):
-                where = f"{path}#data[{a}].paragraphs[{p}].qas[{q}]"
+            for q, qa in enumerate(_objects(paragraph, "qas", where_p, problem)):
+                where = f"{where_p}.qas[{q}]"
                 if not isinstance(context, str) or not isinstance(qa.get("question"), str):
                     problem(f"{where}: a question needs 'question' and its paragraph a 'context'")
                     continue
-                rows.append(Row({
-                    "id": str(qa.get("id", f"{a}-{p}-{q}")), "question": qa["question"], "context": context,
-                    "answers": qa.get("answers", []), "is_impossible": bool(qa.get("is_impossible", False)),
-                }, where))
+                impossible = bool(qa.get("is_impossible", False))
+                answers = qa.get("answers")
+                if answers is None and not impossible:
+                    # Not "no answer": that is what is_impossible says (SQuAD 2.0). Taking it as
+                    # one would turn on allow_no_answer for the whole run.
+                    problem(f"{where}: no 'answers'; give its answers, or \"is_impossible\": true for a question "
+                            "the context does not answer")
+                    continue
+                if not isinstance(answers or [], list) or not all(
+                        isinstance(x, dict) and isinstance(x.get("text"), str)
+                        and isinstance(x.get("answer_start"), int) for x in answers or []):
+                    problem(f"{where}: 'answers' must be a list of {{\"text\": ..., \"answer_start\": N}}")
+                    continue
+                rows.append(Row({"id": str(qa.get("id", f"{a}-{p}-{q}")), "question": qa["question"],
+                                 "context": context, "answers": answers or [], "is_impossible": impossible}, where))
     return rows
+
+
+def _objects(holder, key: str, where: str, problem) -> list[dict]:
+    """holder[key] as a list of JSON objects; anything else is reported where it is."""
+    if not isinstance(holder, dict):
+        problem(f"{where}: expected a JSON object, got {type(holder).__name__}")
+        return []
+    items = holder.get(key, [])
+    if not isinstance(items, list):
+        problem(f"{where}.{key}: expected a list, got {type(items).__name__}")
+        return []
+    good = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            good.append(item)
+        else:
+            problem(f"{where}.{key}[{i}]: expected a JSON object, got {type(item).__name__}")
+    return good

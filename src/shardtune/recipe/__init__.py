@@ -32,7 +32,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
             raise RecipeError(f"override '{pair}' is not of the form section.key=value "
                               "(e.g. train.epochs=1)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise RecipeError(f"override '{pair}': value is not valid YAML ({exc.problem})") from None
         parsed.append((key.split("."), value))
@@ -54,12 +54,40 @@ def apply_overrides(raw: dict, pairs: list[str]) -> dict:
     return raw
 
 
+MAX_RECIPE_BYTES = 1_000_000
+MAX_YAML_ALIASES = 20  # ~1,500 values at most, however they nest
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses an alias bomb: a few lines of `&a [*b, *b, ...]` that expand
+    to billions of values and kept `validate` busy for minutes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = getattr(self, "aliases", 0) + 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise RecipeError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name); a recipe needs few or none, "
+                                  "so write the values out")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_raw(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"the file is {path.stat().st_size:,} bytes; a recipe is a few kB of YAML (at most "
+                              f"{MAX_RECIPE_BYTES:,} bytes)", where=str(path))
+        raw = safe_yaml(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text (byte {exc.start}); a recipe is a YAML file", where=str(path)) from None
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, where=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""

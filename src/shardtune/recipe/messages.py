@@ -46,10 +46,22 @@ def _explain(err: dict) -> str:
     if kind == "union_tag_not_found":
         return f"{dotted}.type: required; one of {TASK_TYPES}"
     got = err.get("input")
-    got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    got_text = f" (got {_shown(got)})" if not isinstance(got, dict) else ""
     desc = _describe(loc, member)
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"{dotted}: {msg}{got_text}" + (f"; {dotted} is the {desc}" if desc else "")
+
+
+def _shown(value, limit: int = 200) -> str:
+    """A value as the message quotes it, cut short without building all of it: a refused
+    value may be megabytes."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 3, 8, 8, 8
+    short.maxstring = short.maxother = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _did_you_mean(word: str, options) -> str:

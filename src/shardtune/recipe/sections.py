@@ -12,7 +12,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a setting (.inf as cpus_per_worker or alpha used to pass).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 # --------------------------------------------------------------------------- model
@@ -330,6 +334,8 @@ class DataSection(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="task role -> column name, e.g. {text: sentence, label: label}")
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example after truncation")
+    max_chars: int = Field(1_000_000, ge=1, description="a text field longer than this is a bad row (it would be "
+                                                        "tokenised for minutes only to be truncated)")
     max_train_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many training rows")
     max_eval_examples: int | None = Field(None, ge=1, description="use a seeded sample of this many validation rows")
     few_shot_per_class: int | None = Field(
@@ -345,18 +351,19 @@ class DataSection(Section):
 class TrainSection(Section):
     epochs: int = Field(3, ge=1, le=10_000, description="passes over the training data")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
-    micro_batch_size: int = Field(16, ge=1, description="examples per worker per forward pass")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    eval_batch_size: int | None = Field(None, ge=1, description="examples per worker per eval pass; default 2x micro")
+    micro_batch_size: int = Field(16, ge=1, le=65_536, description="examples per worker per forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65_536, description="micro-batches per optimizer step")
+    eval_batch_size: int | None = Field(None, ge=1, le=65_536,
+                                        description="examples per worker per eval pass; default 2x micro")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="peak AdamW learning rate")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="decay after warm-up")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of steps spent warming up")
     warmup_steps: int | None = Field(None, ge=0, description="warm-up steps (overrides warmup_ratio)")
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay (not on biases/norms)")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 turns clipping off")
-    seed: int = Field(42, description="seeds data order, splits and adapter initialisation")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="seeds data order, splits and adapter initialisation")
     eval_every_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
     log_every_steps: int = Field(10, ge=1, description="print progress every N optimizer steps")
     eval_before_training: bool = Field(True, description="evaluate once before the first step (the baseline)")
@@ -373,7 +380,7 @@ class ShardingSection(Section):
 # ------------------------------------------------------------------------- cluster
 class ClusterSection(Section):
     workers: int = Field(2, ge=1, le=4096, description="training processes (one per GPU, or per CPU slot)")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
+    cpus_per_worker: float = Field(1, gt=0, le=1024, description="CPUs reserved per worker")
     gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; 0 trains on CPU")
     address: str | None = Field(None, description="Ray cluster to attach to (ray://host:port or auto); "
                                                   "default: start an embedded one")
@@ -408,7 +415,14 @@ class OutputSection(Section):
     dir: str = Field(description="run output directory")
     if_exists: Literal["error", "overwrite"] = Field(
         "error", description="what to do when dir already holds a run")
-    keep_checkpoints: bool = Field(False, description="keep the last DeepSpeed checkpoint after success")
+    keep_checkpoints: bool = Field(False, description="keep the run's checkpoints (ray/) after success")
+    checkpoints_to_keep: int = Field(2, ge=1, le=1000, description="checkpoints kept while training: the last N, "
+                                                                   "or the best N by keep_best_by (the latest is "
+                                                                   "always kept too, to resume from)")
+    keep_best_by: str | None = Field(None, description="a validation metric (e.g. accuracy, loss) that ranks the "
+                                                       "kept checkpoints; default: keep the most recent")
+    keep_best_mode: Literal["max", "min"] | None = Field(None, description="whether a higher or lower keep_best_by "
+                                                                         "is better; default: min for losses, else max")
 
 
 class Recipe(Section):
