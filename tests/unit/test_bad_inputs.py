@@ -168,6 +168,17 @@ def test_a_bad_recipe_file_fails_fast_and_clearly(tmp_path, case, content, fragm
     assert "Traceback" not in result.output and len(result.output) < 5_000
 
 
+def test_a_model_path_that_is_not_a_model_folder_is_refused(tiny_recipe, tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    for path, fragment in ((tmp_path / "weights.bin", "is a file; give the model's folder"),
+                           (tmp_path / "empty", "has no config.json")):
+        raw = copy.deepcopy(tiny_recipe)
+        raw["model"]["path"] = str(path)
+        with pytest.raises(RecipeError, match=fragment):
+            validate_recipe(raw)
+
+
 def test_more_workers_than_this_machine_has_is_refused_before_anything_starts(tiny_recipe, tmp_path):
     import os
 

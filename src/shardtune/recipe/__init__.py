@@ -242,6 +242,13 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
                                 "directory, a hub id, or package:NAME/PATH")
             if local is not None and recipe.model.gguf_file and not (local / recipe.model.gguf_file).is_file():
                 problems.append(f"model.gguf_file: '{recipe.model.gguf_file}' is not a file in {local}")
+            elif local is not None and local.is_file():
+                problems.append(f"model.path: '{recipe.model.path}' is a file; give the model's folder (the one "
+                                "with config.json), or a GGUF file's folder with model.gguf_file")
+            elif (local is not None and local.is_dir() and not recipe.model.gguf_file
+                  and not (local / "config.json").is_file()):
+                problems.append(f"model.path: '{recipe.model.path}' has no config.json, so it is not a "
+                                "transformers model folder; give the folder from_pretrained/save_pretrained uses")
     return problems
 
 
