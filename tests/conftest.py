@@ -48,7 +48,7 @@ def ray_session():
     """One embedded Ray instance for every test that trains; shardtune reuses it."""
     import ray
 
-    from shardtune.orchestrate import start_embedded_cluster
+    from shardtune.raycluster import start_embedded_cluster
 
     start_embedded_cluster(num_cpus=4, log_to_driver=True, configure_logging=False)
     yield

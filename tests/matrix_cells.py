@@ -77,7 +77,8 @@ def cell_recipe(assets: dict, out: Path, *, method: str, quant: str, zero: int, 
 def main(cells_file: str, results_file: str) -> None:
     import torch.distributed as dist
 
-    from shardtune.engine import LocalReporter, train_worker
+    from shardtune.engine import train_worker
+    from shardtune.torchrun import LocalReporter
     from shardtune.export import write_metrics
     from shardtune.recipe import validate_recipe
 

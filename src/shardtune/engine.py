@@ -7,8 +7,8 @@
 and `train_worker`, which runs them and always removes the worker's scratch folder.
 
 Ray is not imported here. The loop talks to its launcher through a `Reporter`
-(orchestrate.py has the Ray one); `python -m shardtune.engine RECIPE` runs the same
-loop under torchrun or the DeepSpeed launcher, for debugging and GPU benchmarks.
+(orchestrate.py has the Ray one); `torchrun -m shardtune.torchrun RECIPE` runs the same
+loop under torchrun (torchrun.py), for debugging and GPU benchmarks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,102 +412,3 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-# ------------------------------------------------------------------ without Ray
-class LocalReporter:
-    """For torchrun: epoch checkpoints go to OUTPUT/checkpoint, the finished run to OUTPUT.
-
-    Ranks share a file system here (one machine, or a shared output directory). A new
-    checkpoint is written beside the old one and swapped in by renames, so a kill during
-    a save leaves the previous checkpoint whole.
-    """
-
-    def __init__(self, output_dir: Path):
-        import signal
-
-        self.output_dir = output_dir
-        self._signalled = False
-        if threading.current_thread() is threading.main_thread():
-            # torchrun forwards SIGTERM to its workers; Ctrl-C reaches every process of the group.
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signalled = True
-
-    def stop_requested(self) -> bool:
-        return self._signalled or (self.output_dir / rundir.STOP_FILE).exists()
-
-    def node(self) -> str:
-        import socket
-
-        return socket.gethostname()
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir and metrics.get("final"):
-            shutil.copytree(checkpoint_dir, self.output_dir, dirs_exist_ok=True)
-        elif checkpoint_dir:
-            shutil.copytree(checkpoint_dir, self.output_dir / "checkpoint.next", dirs_exist_ok=True)
-            dist.barrier()
-            if dist.get_rank() == 0:
-                current, old = self.output_dir / "checkpoint", self.output_dir / "checkpoint.old"
-                shutil.rmtree(old, ignore_errors=True)
-                if current.exists():
-                    current.rename(old)
-                (self.output_dir / "checkpoint.next").rename(current)
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
-    def latest_checkpoint(self, scratch: Path) -> str | None:
-        for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames
-            if checkpoint.exists(self.output_dir / name):
-                return str(self.output_dir / name)
-        return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """torchrun --nproc-per-node N -m shardtune.engine RECIPE [key=value ...]
-
-    The worker loop without Ray, for debugging and GPU profiling. Writes the same run
-    directory as `shardtune run`; re-running resumes from OUTPUT/checkpoint.
-    """
-    from shardtune.export import write_metrics
-    from shardtune.recipe import load_recipe
-
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main.__doc__)
-        return 0 if argv else 2
-    started = time.perf_counter()
-    try:
-        recipe = load_recipe(argv[0], argv[1:])
-        output = Path(recipe.output.dir)
-        if output.exists() and any(output.iterdir()) and not rundir.is_run(output):
-            raise RunError(f"output directory '{output}' exists and is not a shardtune run (no {rundir.MARKER} "
-                           "marker); choose a new output.dir")
-    except (RecipeError, RunError) as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
-    output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", 0)) == 0 and not rundir.is_run(output):
-        rundir.mark(output)
-    (output / rundir.STOP_FILE).unlink(missing_ok=True)  # a request from an earlier attempt is spent
-    reporter = LocalReporter(output)
-    train_worker(recipe.model_dump(mode="json"), reporter)
-    if not (output / rundir.HISTORY).exists():  # stopped: the checkpoint is in OUTPUT/checkpoint
-        if dist.get_rank() == 0:
-            print(f"stopped; run the same command again to resume from {output / 'checkpoint'}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 3
-    if dist.get_rank() == 0:
-        (output / rundir.RECIPE).write_text(recipe.to_yaml())
-        write_metrics(output, recipe, time.perf_counter() - started)
-        if not recipe.output.keep_checkpoints:
-            shutil.rmtree(output / "checkpoint", ignore_errors=True)
-    dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

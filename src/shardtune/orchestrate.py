@@ -1,14 +1,15 @@
-"""Ray: start or attach a cluster, run the worker loop in a TorchTrainer, collect the run.
+"""Ray Train: run the worker loop in a TorchTrainer on a cluster (raycluster.py), collect the run.
 
-The only module that imports Ray. The output directory is written atomically: the run
-builds `<dir>.partial` and renames it into place only when it finished, so a failed
-run never leaves something that looks like a finished one (and never destroys an
-earlier run: with `if_exists: overwrite` the old one is replaced only at the end).
+With raycluster.py the only modules that import Ray for training (jobs.py uses its Jobs
+API). The output directory is written atomically: the run builds `<dir>.partial` and
+renames it into place only when it finished, so a failed run never leaves something that
+looks like a finished one (and never destroys an earlier run: with `if_exists: overwrite`
+the old one is replaced only at the end; see rundir.py). Stops and failures keep the last
+checkpoint.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardtune import rundir
+from shardtune import raycluster, rundir
 from shardtune.engine import train_worker
 from shardtune.export import write_metrics
 from shardtune.errors import RecipeError, RunError, RunStopped, ShardtuneError
@@ -233,10 +234,10 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started_here = _connect(recipe, address)
+    started_here = raycluster.connect(recipe, address)
     try:
         cl = recipe.cluster
-        check_storage_is_shared(recipe, staging, _alive_nodes())
+        raycluster.check_storage_is_shared(recipe, staging, raycluster.alive_nodes())
         use_gpu = cl.gpus_per_worker > 0
         resources = {"CPU": cl.cpus_per_worker}
         if use_gpu:
@@ -318,193 +319,6 @@ def _trainer_class(base):
     return Trainer
 
 
-def _connect(recipe: Recipe, address: str | None) -> bool:
-    """Attach to `address`, or start an embedded single-node cluster. True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False  # a caller (a test session, a notebook) owns the cluster
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
-    if address:
-        try:
-            ray.init(address=address, **quiet)
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, AuthenticationError...
-            # Ray's exception does not say whether the address or the token was wrong (the
-            # reason is only in its C++ log), so name both fixes.
-            first_line = (str(exc).splitlines() or [repr(exc)])[0]
-            hints = ["check the address (the head's host:port, or ray://host:10001)",
-                     "or leave cluster.address unset for an embedded cluster"]
-            if os.environ.get("RAY_AUTH_MODE") != "token":
-                hints.insert(0, "if the cluster uses token authentication (`ray start` turns it on), "
-                                "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or "
-                                "~/.ray/auth_token on this machine)")
-            raise RunError(f"cannot attach to the Ray cluster at {address} ({first_line}); "
-                           + "; ".join(hints)) from None
-        return True
-    cl = recipe.cluster
-    needed = cl.workers * cl.cpus_per_worker
-    start_embedded_cluster(num_cpus=max(needed, os.cpu_count() or 1),
-                           num_gpus=int(cl.workers * cl.gpus_per_worker) or None, **quiet)
-    return True
-
-
-# Run in its own session beside an embedded cluster: when this process dies without saying
-# goodbye (SIGKILL, the OOM killer), the pipe closes unanswered and the cluster's processes
-# go too. Ray's own agents otherwise outlive their raylet for minutes.
-_REAPER = """
-import sys, psutil
-procs = []
-for spec in sys.argv[1:]:
-    pid, created = spec.split(":")
-    try:
-        p = psutil.Process(int(pid))
-        if abs(p.create_time() - float(created)) < 0.01:
-            procs.append(p)
-    except psutil.Error:
-        pass
-if sys.stdin.read() != "ok":
-    found = list(procs)
-    for p in procs:
-        try:
-            found += p.children(recursive=True)
-        except psutil.Error:
-            pass
-    for p in found:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-"""
-
-
-def _reap_if_killed() -> None:
-    import atexit
-    import subprocess
-
-    import psutil
-
-    mine = psutil.Process().children(recursive=True)
-    specs = [f"{p.pid}:{p.create_time()}" for p in mine]
-    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *specs], stdin=subprocess.PIPE, text=True,
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def goodbye() -> None:  # a normal exit: Ray's own shutdown stops its processes
-        try:
-            reaper.stdin.write("ok")
-            reaper.stdin.close()
-        except OSError:
-            pass
-
-    atexit.register(goodbye)
-
-
-@contextmanager
-def _cluster_mode_off(ray_constants):
-    """Only while the embedded cluster starts (its processes inherit the switch): clusters
-    this process starts or joins later (`ray start` in a test, --address) are not changed."""
-    name, before = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    was = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = was
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
-def start_embedded_cluster(**kwargs) -> None:
-    """A single-node Ray cluster in this process that listens on 127.0.0.1 only.
-
-    On Linux, Ray replaces a node address of 127.0.0.1 with the machine's own address and
-    then binds its GCS, raylet, worker, agent and metrics ports to all interfaces. With
-    "cluster mode" off (the switch Ray reads on macOS and Windows) it keeps 127.0.0.1 and
-    binds every port there; Ray's child processes read the same switch from the
-    environment. "local" never attaches to a cluster left running on the host; no
-    dashboard. A start that times out under load is retried once."""
-    import ray
-    import ray._private.ray_constants as ray_constants
-
-    for attempt in (1, 2):
-        try:
-            with _cluster_mode_off(ray_constants):
-                ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
-            _reap_if_killed()
-            return
-        except Exception as exc:  # Ray raises a bare Exception for a node that did not come up
-            if "timed out during startup" not in str(exc) and "Timed out" not in str(exc):
-                raise
-            if ray.is_initialized():
-                ray.shutdown()
-            if attempt == 2:
-                raise RunError("the embedded Ray cluster did not start twice in a row (\"The current node timed "
-                               "out during startup\"): the machine is probably overloaded or short of memory; "
-                               "retry when it is quieter, or attach to a running cluster with --address") from None
-
-
-# File systems that live on one node. A multi-node run on one of these would write each
-# worker's checkpoint shards to a different disk.
-LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "ramfs", "overlay", "vfat",
-                     "exfat", "ntfs", "ntfs3", "devtmpfs"}
-
-
-def filesystem_type(path: Path) -> str:
-    """The type of the file system holding `path`, from /proc/mounts (longest mount prefix)."""
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    best, kind = "", "unknown"
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return kind
-    for line in mounts:
-        fields = line.split()
-        if len(fields) >= 3:
-            point = fields[1].replace("\\040", " ")
-            if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-                best, kind = point, fields[2]
-    return kind
-
-
-def check_storage_is_shared(recipe: Recipe, staging: Path, nodes: list[str]) -> None:
-    """Every worker writes its checkpoint shards to the run's storage; on several nodes
-    that must be one shared file system."""
-    if len(nodes) <= 1 or recipe.cluster.shared_storage:
-        return
-    kind = filesystem_type(staging)
-    if kind in LOCAL_FILESYSTEMS:
-        raise RunError(f"the cluster has {len(nodes)} nodes ({', '.join(nodes)}) but output.dir "
-                       f"{recipe.output.dir} is on a node-local file system ({kind}); every worker writes "
-                       "checkpoints there, so use a path on storage all nodes share (NFS, Lustre, GPFS, ...), "
-                       "or set cluster.shared_storage: true if this path is shared (e.g. every node on one machine)")
-
-
-def _node_alive(node_id: str, wait_s: float = 30.0) -> bool:
-    """Whether a worker's node is still up. Ray notices a dead worker within seconds but
-    declares its node dead only after ~10-20 s of missed heartbeats, so a node that is
-    gone is given that long to show it."""
-    import ray
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            alive = any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
-        except Exception:  # no cluster to ask: assume the node, not the worker, is fine
-            return True
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(2)
-
-
-def _alive_nodes() -> list[str]:
-    import ray
-
-    return sorted(n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive"))
-
-
 def _explain_failure(exc: Exception) -> ShardtuneError:
     """Surface a user error raised inside a worker as itself; anything else as a RunError."""
     if "worker group startup timed out" in str(exc):
@@ -522,7 +336,7 @@ def _explain_failure(exc: Exception) -> ShardtuneError:
     detail = f"worker {first[0]} failed: {first[1]}" if first else str(exc)
     lost = re.search(r"node_ip='([^']+)'", detail)
     node_id = re.search(r"node_id='([0-9a-f]+)'", detail)
-    if lost and node_id and not _node_alive(node_id.group(1)):
+    if lost and node_id and not raycluster.node_alive(node_id.group(1)):
         return RunError(f"training failed: the node {lost.group(1)} running worker {first[0]} was lost (its "
                         "process or machine died); set cluster.max_failures to resume from the last checkpoint on "
                         f"the remaining nodes. Ray's report: {detail[:600]}")

@@ -160,7 +160,7 @@ def test_options_train(ray_session, tiny_recipe, name, changes, lr_at_step_10):
 
 
 def test_torchrun_without_ray_writes_the_same_run(tiny_recipe, tmp_path, sentiment_data):
-    """`torchrun -m shardtune.engine` runs the same loop with a local reporter."""
+    """`torchrun -m shardtune.torchrun` runs the same loop with a local reporter."""
     import subprocess
     import sys
 
@@ -169,7 +169,7 @@ def test_torchrun_without_ray_writes_the_same_run(tiny_recipe, tmp_path, sentime
     raw = copy.deepcopy(tiny_recipe)
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "shardtune.engine", str(recipe), "train.epochs=2"]
+           "-m", "shardtune.torchrun", str(recipe), "train.epochs=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "run"
