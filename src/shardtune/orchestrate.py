@@ -90,7 +90,8 @@ def _after_failure(exc: BaseException, staging: Path, recipe: Recipe, stopped: b
             return RunStopped(f"interrupted by {name}; the last checkpoint the workers saved is kept in {staging}; "
                               f"{how}")
         if isinstance(exc, ShardtuneError):
-            exc.problems[-1] += f" (the last checkpoint is kept in {staging}; {how})"
+            if "start afresh" not in exc.render():  # a checkpoint refused as unsafe says so itself
+                exc.problems[-1] += f" (the last checkpoint is kept in {staging}; {how})"
             return exc
         if isinstance(exc, KeyboardInterrupt):
             return RunStopped(f"interrupted; the last checkpoint is kept in {staging}; {how}")
