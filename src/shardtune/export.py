@@ -1,13 +1,6 @@
 """Saving a trained run in the ecosystem's formats, and loading it back for eval/predict.
 
-A run directory:
-  adapter/      PEFT adapter (safetensors) with the task head, loadable by plain peft
-  model/        the whole model instead, for full fine-tuning (adapter.method: none)
-  tokenizer/    the HF tokenizer
-  task.json     what rebuilds the task (label names)
-  recipe.yaml   the recipe as resolved
-  metrics.json  every evaluation, the final metrics and the run summary
-  logs/         train.log and TensorBoard events
+The run directory's layout and names are rundir.py's.
 """
 
 from __future__ import annotations
@@ -21,8 +14,7 @@ import numpy as np
 import torch
 
 from shardtune.errors import RunError
-
-TASK_STATE = "task.json"
+from shardtune.rundir import TASK_STATE
 
 
 def save_trained(model: torch.nn.Module, directory: Path, *, is_peft: bool, zero_stage: int,

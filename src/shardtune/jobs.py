@@ -73,7 +73,7 @@ def pack(recipe: Recipe, folder: Path, output_dir_as_written: str, roots: list[P
         if size > MAX_PACKED_MODEL_BYTES:
             raise RecipeError(f"model.path {model} is {size / 2**30:.1f} GiB, too large to upload with the job; put "
                               "it on storage the cluster sees and name that path, or use a hub id or package:")
-        manifest += _copy_checked("model.path", local_model, folder / "model", folder, roots)
+        manifest += _copy_checked("model.path", local_model, folder / "model", folder, roots, files)
         packed.model.path = "model"
     (folder / "recipe.yaml").write_text(packed.to_yaml())
     manifest.append(("recipe.yaml", (folder / "recipe.yaml").stat().st_size))
@@ -110,10 +110,12 @@ def _regular_files(field: str, path: Path, roots: list[Path]) -> list[Path]:
     return files
 
 
-def _copy_checked(field: str, source: Path, target: Path, folder: Path, roots: list[Path]) -> list[tuple[str, int]]:
+def _copy_checked(field: str, source: Path, target: Path, folder: Path, roots: list[Path],
+                  files: list[Path] | None = None) -> list[tuple[str, int]]:
+    """Copy what _regular_files allows (`files`, when the caller has walked them already)."""
     real = Path(os.path.realpath(source))
     manifest = []
-    for item in _regular_files(field, source, roots):
+    for item in files if files is not None else _regular_files(field, source, roots):
         # A link inside the folder is uploaded as the file it names, under the link's name.
         dest = target if item == real else target / item.relative_to(real)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -159,13 +159,19 @@ def test_sigkill_of_the_driver_keeps_the_checkpoint_and_leaves_no_processes(refe
     assert_same_adapter(out, reference)
 
 
-def test_a_planted_pickle_in_a_checkpoint_is_refused(ray_session, stop_recipe, tmp_path):
+def _stopped_run(stop_recipe: dict, tmp_path: Path) -> Path:
+    """A run stopped by SIGTERM at step 5, leaving run.partial to resume; returns its recipe."""
     stop_recipe["output"]["dir"] = str(tmp_path / "run")
     recipe = write_recipe(tmp_path / "r.yaml", stop_recipe)
     proc, seen = _start(recipe), []
     _read_until(proc, "step 5/100", seen)
     proc.send_signal(signal.SIGTERM)
     assert "stopped at step" in _finish(proc, seen)
+    return recipe
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused(ray_session, stop_recipe, tmp_path):
+    recipe = _stopped_run(stop_recipe, tmp_path)
     mark = tmp_path / "code-ran"
 
     class Planted:
@@ -183,12 +189,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused(ray_session, stop_recipe, t
 
 
 def test_a_resume_with_a_different_recipe_is_refused(ray_session, stop_recipe, tmp_path):
-    stop_recipe["output"]["dir"] = str(tmp_path / "run")
-    recipe = write_recipe(tmp_path / "r.yaml", stop_recipe)
-    proc, seen = _start(recipe), []
-    _read_until(proc, "step 5/100", seen)
-    proc.send_signal(signal.SIGTERM)
-    assert "stopped at step" in _finish(proc, seen)
+    recipe = _stopped_run(stop_recipe, tmp_path)
     again = _start(recipe, "--resume", "train.learning_rate=0.001")
     text = again.communicate(timeout=600)[0]
     assert again.returncode == 1 and "train.learning_rate: 0.02 -> 0.001" in text, text[-3000:]
