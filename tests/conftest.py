@@ -23,6 +23,20 @@ import tiny_models  # noqa: E402
 from helpers import make_tiny_recipe  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (about 20 more minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are deselected unless --slow: the suite stays inside CI's time."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return tiny_models.build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
@@ -53,6 +67,18 @@ def ray_session():
     start_embedded_cluster(num_cpus=4, log_to_driver=True, configure_logging=False)
     yield
     ray.shutdown()  # this process's cluster only; never `ray stop`
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_session, tiny_bert, sentiment_data, tmp_path_factory) -> Path:
+    """An uninterrupted 5-epoch run of the tiny recipe, which stopped, killed and resumed runs
+    (test_interrupts, test_fault_tolerance) must end equal to."""
+    from shardtune.orchestrate import run
+    from shardtune.recipe import validate_recipe
+
+    raw = make_tiny_recipe(tiny_bert, sentiment_data, tmp_path_factory.mktemp("reference") / "run")
+    raw["train"].update(epochs=5, log_every_steps=5)
+    return run(validate_recipe(raw)).output_dir
 
 
 @pytest.fixture(scope="session")

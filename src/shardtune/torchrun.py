@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     The worker loop without Ray, for debugging and GPU profiling. Writes the same run
     directory as `shardtune run`; re-running resumes from OUTPUT/checkpoint.
     """
-    from shardtune.export import write_metrics
     from shardtune.recipe import load_recipe
 
     argv = sys.argv[1:] if argv is None else argv
@@ -95,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, RunError) as exc:
         print(exc.render(), file=sys.stderr)
         return 2
+    code = run_in_group(recipe, started)
+    dist.destroy_process_group()
+    return code
+
+
+def run_in_group(recipe, started: float | None = None) -> int:
+    """One run in this torchrun group (started here on first use, kept for the next run):
+    0 when OUTPUT holds the finished run, 3 when it stopped with OUTPUT/checkpoint to resume.
+    The test suite trains many recipes one after another in one group through this."""
+    from shardtune.export import write_metrics
+
+    started = time.perf_counter() if started is None else started
+    output = Path(recipe.output.dir)
     output.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", 0)) == 0 and not rundir.is_run(output):
         rundir.mark(output)
@@ -104,14 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (output / rundir.HISTORY).exists():  # stopped: the checkpoint is in OUTPUT/checkpoint
         if dist.get_rank() == 0:
             print(f"stopped; run the same command again to resume from {output / 'checkpoint'}", file=sys.stderr)
-        dist.destroy_process_group()
         return 3
     if dist.get_rank() == 0:
         (output / rundir.RECIPE).write_text(recipe.to_yaml())
         write_metrics(output, recipe, time.perf_counter() - started)
         if not recipe.output.keep_checkpoints:
             shutil.rmtree(output / "checkpoint", ignore_errors=True)
-    dist.destroy_process_group()
+    dist.barrier()
     return 0
 
 

@@ -129,7 +129,7 @@ def test_the_rendered_script_runs_ray_on_both_slurm_nodes(slurm, tiny_bert, sent
 
 def test_the_time_limit_warning_leaves_a_checkpoint_that_the_next_job_resumes(slurm, tiny_bert, sentiment_data,
                                                                              tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tiny_bert, sentiment_data, tmp_path, epochs=60))
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tiny_bert, sentiment_data, tmp_path, epochs=10))
     job = _submit(slurm, recipe)
     out = tmp_path / f"job-{job}.out"
     deadline = time.time() + 300

@@ -58,18 +58,23 @@ def run_with_fault(raw: dict) -> tuple[object, list]:
 @pytest.fixture
 def fault_recipe(tiny_recipe):
     raw = copy.deepcopy(tiny_recipe)
-    raw["train"]["epochs"] = 5  # leaves time after the first checkpoint to kill a worker
+    # conftest's reference_run: 5 epochs leave time after the first checkpoint to kill a worker
+    raw["train"].update(epochs=5, log_every_steps=5)
     return raw
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_resume_after_a_killed_worker_matches_an_uninterrupted_run(ray_session, fault_recipe, tmp_path, quantization):
+def test_resume_after_a_killed_worker_matches_an_uninterrupted_run(reference_run, fault_recipe, tmp_path,
+                                                                   quantization):
     # nf4: the checkpoint leaves the frozen 4-bit weights out and the resumed run reloads them
     # from the base checkpoint; the adapter, optimizer and schedule come back exactly.
     fault_recipe["quantization"] = {"mode": quantization}
-    reference_raw = copy.deepcopy(fault_recipe)
-    reference_raw["output"]["dir"] = str(tmp_path / "reference")
-    reference = run(validate_recipe(reference_raw))
+    if quantization == "none":
+        reference = reference_run
+    else:
+        reference_raw = copy.deepcopy(fault_recipe)
+        reference_raw["output"]["dir"] = str(tmp_path / "reference")
+        reference = run(validate_recipe(reference_raw)).output_dir
 
     faulty = copy.deepcopy(fault_recipe)
     faulty["cluster"]["max_failures"] = 1
@@ -80,7 +85,7 @@ def test_resume_after_a_killed_worker_matches_an_uninterrupted_run(ray_session, 
     log = (result.output_dir / "logs" / "train.log").read_text()
     assert "resumed from the checkpoint after epoch" in log
     ours = json.loads((result.output_dir / "metrics.json").read_text())["history"]
-    theirs = json.loads((reference.output_dir / "metrics.json").read_text())["history"]
+    theirs = json.loads((reference / "metrics.json").read_text())["history"]
     assert [m["epoch"] for m in ours] == [m["epoch"] for m in theirs]
     np.testing.assert_allclose([m["loss"] for m in ours], [m["loss"] for m in theirs], rtol=1e-5)
 

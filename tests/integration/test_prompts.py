@@ -1,23 +1,24 @@
 """Prompt learning end to end with 2 workers: the three training modes (prompted data with an
 adapter or full fine-tuning; soft prompts on a frozen model; zero-shot), the three model
 families, template ensembles and the automatic verbalizer, through `shardtune run`,
-`shardtune eval` and `shardtune predict`."""
+`shardtune eval` and `shardtune predict`. The training runs share one torchrun group
+(tests/batch_runs.py); the Ray path is tested in test_training."""
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from helpers import write_recipe
+from batch_runs import train_in_one_group
+from helpers import make_tiny_recipe, write_recipe
 from shardtune.cli import app
-from shardtune.orchestrate import run
-from shardtune.recipe import validate_recipe
-import torch
-
 from shardtune.data import Row
+from shardtune.recipe import validate_recipe
 from shardtune.tasks import get_task
 from tiny_models import sentiment_rows, write_jsonl
 
@@ -27,14 +28,18 @@ cli = CliRunner()
 VERBALIZER = {"neg": ["bad", "awful"], "pos": ["good"]}
 
 
-@pytest.fixture
-def prompt_recipe(tiny_recipe, tiny_llama):
-    raw = copy.deepcopy(tiny_recipe)
+def _prompt_recipe(tiny_bert, sentiment_data, tiny_llama, out) -> dict:
+    raw = make_tiny_recipe(tiny_bert, sentiment_data, out)
     raw["model"] = {"path": str(tiny_llama)}
     raw["adapter"] = {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
     raw["task"] = {"type": "prompt_classification", "templates": ["{text} it was {mask}"], "verbalizer": VERBALIZER}
     raw["train"]["learning_rate"] = 1e-2
     return raw
+
+
+@pytest.fixture
+def prompt_recipe(tiny_bert, sentiment_data, tiny_llama, tmp_path):
+    return _prompt_recipe(tiny_bert, sentiment_data, tiny_llama, tmp_path / "run")
 
 
 # name, model fixture, adapter, task changes, ZeRO stage
@@ -54,11 +59,9 @@ MODES = [
 ]
 
 
-@pytest.mark.parametrize("name,model,adapter,task,stage", MODES, ids=[m[0] for m in MODES])
-def test_training_mode_learns_then_evaluates_and_predicts(ray_session, prompt_recipe, request, tmp_path, name,
-                                                          model, adapter, task, stage):
-    raw = copy.deepcopy(prompt_recipe)
-    raw["model"] = {"path": str(request.getfixturevalue(model))}
+def _mode_recipe(base: dict, model_path, adapter: dict, task: dict, stage: int) -> dict:
+    raw = copy.deepcopy(base)
+    raw["model"] = {"path": str(model_path)}
     raw["adapter"] = adapter
     raw["task"].update(task)
     raw["sharding"] = {"zero_stage": stage}
@@ -66,10 +69,38 @@ def test_training_mode_learns_then_evaluates_and_predicts(ray_session, prompt_re
         raw["train"]["learning_rate"] = 5e-2  # soft prompts need large rates
     if adapter["method"] == "none":
         raw["train"]["learning_rate"] = 2e-3
-    if model != "tiny_llama":  # random output layers far from the label words: a few more epochs
-        raw["train"]["epochs"] = 6
-    run_dir = run(validate_recipe(raw)).output_dir
+    return raw
 
+
+@pytest.fixture(scope="module")
+def prompt_runs(request, tiny_bert, sentiment_data, tiny_llama, tmp_path_factory):
+    """Every training mode, few-shot and the automatic verbalizer: one torchrun group."""
+    root = tmp_path_factory.mktemp("prompts")
+    recipes = {}
+    for name, model, adapter, task, stage in MODES:
+        base = _prompt_recipe(tiny_bert, sentiment_data, tiny_llama, root / name)
+        recipes[name] = _mode_recipe(base, request.getfixturevalue(model), adapter, task, stage)
+        if model != "tiny_llama":  # random output layers far from the label words: a few more epochs
+            recipes[name]["train"]["epochs"] = 6
+    few = _prompt_recipe(tiny_bert, sentiment_data, tiny_llama, root / "few-shot")
+    few["data"]["few_shot_per_class"] = 8
+    few["train"].update({"micro_batch_size": 4, "epochs": 2})
+    auto = _prompt_recipe(tiny_bert, sentiment_data, tiny_llama, root / "auto-verbalizer")
+    auto["task"].update({"verbalizer": "auto", "auto_verbalizer": {"words_per_label": 2, "candidates": 50}})
+    auto["train"]["epochs"] = 1
+    runs = train_in_one_group({**recipes, "few-shot": few, "auto-verbalizer": auto}, root)
+    return runs, {**recipes, "few-shot": few, "auto-verbalizer": auto}
+
+
+def _run_dir(prompt_runs, name: str) -> Path:
+    result = prompt_runs[0][name]
+    assert "error" not in result and result["code"] == 0, result
+    return Path(result["dir"])
+
+
+@pytest.mark.parametrize("name,model,adapter,task,stage", MODES, ids=[m[0] for m in MODES])
+def test_training_mode_learns_then_evaluates_and_predicts(prompt_runs, tmp_path, name, model, adapter, task, stage):
+    run_dir, raw = _run_dir(prompt_runs, name), prompt_runs[1][name]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["final"]["loss"] < metrics["before"]["loss"] - 0.05, (metrics["before"], metrics["final"])
     before, final = metrics["before"]["accuracy"], metrics["final"]["accuracy"]
@@ -125,11 +156,8 @@ def test_zero_shot_refuses_soft_tokens_and_head_tasks(prompt_recipe, tiny_recipe
     assert result.exit_code != 0 and "zero-shot evaluation needs task.type prompt_classification" in result.output
 
 
-def test_few_shot_trains_on_k_rows_per_label(ray_session, prompt_recipe):
-    raw = copy.deepcopy(prompt_recipe)
-    raw["data"]["few_shot_per_class"] = 8
-    raw["train"].update({"micro_batch_size": 4, "epochs": 2})
-    metrics = json.loads((run(validate_recipe(raw)).output_dir / "metrics.json").read_text())
+def test_few_shot_trains_on_k_rows_per_label(prompt_runs):
+    metrics = json.loads((_run_dir(prompt_runs, "few-shot") / "metrics.json").read_text())
     assert metrics["summary"]["train_examples"] == 16
 
 
@@ -159,11 +187,8 @@ def test_automatic_verbalizer_finds_the_words_a_real_lm_predicts(tmp_path):
     assert task.verbalizer == {"animal": ["horse"], "fruit": ["banana"], "water": ["river"]}
 
 
-def test_automatic_verbalizer_words_are_written_with_the_run(ray_session, prompt_recipe):
-    raw = copy.deepcopy(prompt_recipe)
-    raw["task"].update({"verbalizer": "auto", "auto_verbalizer": {"words_per_label": 2, "candidates": 50}})
-    raw["train"]["epochs"] = 1
-    run_dir = run(validate_recipe(raw)).output_dir
+def test_automatic_verbalizer_words_are_written_with_the_run(prompt_runs):
+    run_dir = _run_dir(prompt_runs, "auto-verbalizer")
     words = json.loads((run_dir / "task.json").read_text())["verbalizer"]
     assert sorted(words) == ["neg", "pos"] and all(len(w) == 2 for w in words.values())
     assert len(set(sum(words.values(), []))) == 4  # no word serves two labels

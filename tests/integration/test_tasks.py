@@ -1,17 +1,18 @@
 """Every task trains end to end with 2 workers under ZeRO-0 and ZeRO-3, and its run is
-scored by `shardtune eval` and `shardtune predict` on a fresh file."""
+scored by `shardtune eval` and `shardtune predict` on a fresh file. The runs share one
+torchrun group (tests/batch_runs.py); the Ray path is tested in test_training."""
 
 from __future__ import annotations
 
-import copy
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from batch_runs import train_in_one_group
+from helpers import make_tiny_recipe
 from shardtune.cli import app
-from shardtune.orchestrate import run
-from shardtune.recipe import validate_recipe
 from tiny_models import similarity_rows, squad_file, tagged_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -29,19 +30,33 @@ TASKS = [
 ]
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+STAGES = [0, 3]
+
+
+@pytest.fixture(scope="module")
+def task_runs(tiny_bert, sentiment_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    recipes = {}
+    for name, task, write, data, _, _ in TASKS:
+        (root / name).mkdir()
+        for stage in STAGES:
+            raw = make_tiny_recipe(tiny_bert, sentiment_data, root / f"{name}-zero{stage}")
+            raw["task"] = task
+            raw["data"] = {**raw["data"], **data, "train": str(write(root / name, 400, 1))}
+            if name == "qa":
+                raw["data"]["train"] = {"path": raw["data"]["train"], "format": "squad"}
+            raw["sharding"] = {"zero_stage": stage}
+            recipes[f"{name}-zero{stage}"] = raw
+    return train_in_one_group(recipes, root)
+
+
+@pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("name,task,write,data,metric,higher", TASKS, ids=[t[0] for t in TASKS])
-def test_task_trains_evaluates_and_predicts(ray_session, tiny_recipe, tmp_path, stage, name, task, write, data,
-                                            metric, higher):
-    (tmp_path / "train").mkdir()
+def test_task_trains_evaluates_and_predicts(task_runs, tmp_path, stage, name, task, write, data, metric, higher):
+    result = task_runs[f"{name}-zero{stage}"]
+    assert "error" not in result and result["code"] == 0, result
+    run_dir = Path(result["dir"])
     (tmp_path / "fresh").mkdir()
-    raw = copy.deepcopy(tiny_recipe)
-    raw["task"] = task
-    raw["data"] = {**raw["data"], **data, "train": str(write(tmp_path / "train", 400, 1))}
-    if name == "qa":
-        raw["data"]["train"] = {"path": raw["data"]["train"], "format": "squad"}
-    raw["sharding"] = {"zero_stage": stage}
-    run_dir = run(validate_recipe(raw)).output_dir
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     before, after = metrics["before"][metric], metrics["final"][metric]

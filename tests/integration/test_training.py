@@ -1,4 +1,5 @@
-"""Real 2-worker Ray + DeepSpeed runs on a tiny BERT: ZeRO stages, saved adapters, reload.
+"""Real 2-worker runs on a tiny BERT: ZeRO stages, saved adapters, reload (Ray + DeepSpeed),
+and the training options (in one torchrun group, tests/batch_runs.py).
 
 One run per ZeRO stage is trained once for this module and shared by the checks below.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import make_tiny_recipe
 from shardtune.data.pipeline import load_data
 from shardtune.export import forward_outputs, load_run
 from shardtune.orchestrate import run
@@ -143,14 +146,28 @@ OPTIONS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def option_runs(tiny_bert, sentiment_data, tmp_path_factory):
+    """The options train in one torchrun group (tests/batch_runs.py): the loop is the same."""
+    from batch_runs import train_in_one_group
+
+    root = tmp_path_factory.mktemp("options")
+    recipes = {}
+    for name, changes, _ in OPTIONS:
+        raw = make_tiny_recipe(tiny_bert, sentiment_data, root / name)
+        for section, values in changes.items():
+            raw[section] = {**raw.get(section, {}), **values}
+        recipes[name] = raw
+    return train_in_one_group(recipes, root)
+
+
 @pytest.mark.parametrize("name,changes,lr_at_step_10", OPTIONS, ids=[o[0] for o in OPTIONS])
-def test_options_train(ray_session, tiny_recipe, name, changes, lr_at_step_10):
+def test_options_train(option_runs, name, changes, lr_at_step_10):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    raw = copy.deepcopy(tiny_recipe)
-    for section, values in changes.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    run_dir = run(validate_recipe(raw)).output_dir
+    result = option_runs[name]
+    assert "error" not in result and result["code"] == 0, result
+    run_dir = Path(result["dir"])
     metrics = metrics_of(run_dir)
     assert metrics["final"]["loss"] < metrics["before"]["loss"] - 0.1
     events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
