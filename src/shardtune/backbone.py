@@ -139,12 +139,3 @@ def meta_model(recipe, task) -> torch.nn.Module:
     config = load_config(recipe)
     with init_empty_weights(), refusing_remote_code(recipe.model.path):
         return task.build_model_from_config(config)
-
-
-def check_prequantized(recipe) -> None:
-    """Refuse a checkpoint saved already quantised under ZeRO-3 (see compat.py), from its config."""
-    from shardtune.compat import PREQUANTIZED_ZERO3
-    from shardtune.errors import RecipeError
-
-    if recipe.sharding.zero_stage == 3 and quantization.prequantized(load_config(recipe)):
-        raise RecipeError(f"model.path {recipe.model.path} with sharding.zero_stage 3: {PREQUANTIZED_ZERO3[1]}")

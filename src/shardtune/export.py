@@ -149,7 +149,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
 
     from peft import PeftModel
 
-    from shardtune.adapters import SOFT_PROMPT_METHODS
+    from shardtune.adapters import adapter_family
     from shardtune.backbone import load_model, load_tokenizer_from
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
@@ -161,16 +161,17 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise RunError(f"'{out_dir}' already exists and is not empty; choose a new --out folder")
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     method = recipe.adapter.method
+    family = adapter_family(method)
     if recipe.task.type == "prompt_classification" and recipe.task.has_soft_tokens():  # always so for frozen
         raise RunError("this run's templates have trained {soft} tokens, which live outside the model's weights; "
                        f"load it with `shardtune eval/predict {run_dir}` instead of merging")
-    if method in SOFT_PROMPT_METHODS:
+    if family.soft_prompt:
         raise RunError(f"a {method} adapter adds soft tokens to every input; there are no weights to merge it "
                        f"into. Load {run_dir / 'adapter'} with peft's PeftModel.from_pretrained instead")
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer = load_tokenizer_from(run_dir / "tokenizer")
-    if method == "none":  # full fine-tuning: the run already holds the whole model
+    if family.saves == "model":  # full fine-tuning: the run already holds the whole model
         shutil.copytree(run_dir / "model", staging)
     else:
         task = get_task(recipe)

@@ -147,7 +147,7 @@ def preflight(recipe: Recipe) -> None:
     """Checks that need the model's files or the data, done on the driver so that a bad
     row or a misnamed module fails in seconds, before Ray starts any worker."""
     from shardtune.adapters import check_module_names
-    from shardtune.backbone import check_prequantized
+    from shardtune.compat import check_prequantized
     from shardtune.backbone import load_tokenizer
     from shardtune.data.pipeline import load_data, optimizer_steps_per_epoch
     from shardtune.tasks import get_task

@@ -79,7 +79,7 @@ def test_a_prequantised_checkpoint_is_refused_under_zero3(tiny_bert, tmp_path):
     """Saved already quantised (config has quantization_config): ZeRO-3 cannot partition it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-    from shardtune.backbone import check_prequantized
+    from shardtune.compat import check_prequantized
 
     saved = tmp_path / "bert-4bit"
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -3,11 +3,26 @@
 
 from __future__ import annotations
 
-import torch
-from peft import IA3Config, get_peft_model
+from typing import Literal
+
+from pydantic import Field
+
+from shardtune.adapters.registry import AdapterFamily, register_adapter
+from shardtune.schema import AdapterBase, TargetModules
 
 
-def config(recipe, task, model: torch.nn.Module) -> IA3Config:
+class IA3Adapter(AdapterBase):
+    method: Literal["ia3"]
+    target_modules: TargetModules | None = Field(
+        None, description="modules whose activations get a learned scaling vector; default: peft's per "
+                          "architecture (keys, values and the feed-forward output)")
+    feedforward_modules: list[str] | None = Field(
+        None, description="those of target_modules that are feed-forward layers (scaled on their input)")
+
+
+def config(recipe, task, model):
+    from peft import IA3Config
+
     ad = recipe.adapter
     return IA3Config(
         task_type=task.peft_task_type, target_modules=ad.target_modules,
@@ -16,5 +31,11 @@ def config(recipe, task, model: torch.nn.Module) -> IA3Config:
     )
 
 
-def apply(model: torch.nn.Module, recipe, task) -> torch.nn.Module:
+def apply(model, recipe, task):
+    from peft import get_peft_model
+
     return get_peft_model(model, config(recipe, task, model))
+
+
+register_adapter(AdapterFamily(method="ia3", section=IA3Adapter, apply=apply,
+                               summary="learned scaling vectors on keys, values and feed-forward inputs (IA3)"))

@@ -4,11 +4,26 @@ The sequence keeps its positions, so it also serves tagging and extractive QA.""
 
 from __future__ import annotations
 
-import torch
-from peft import PrefixTuningConfig, get_peft_model
+from typing import Literal
+
+from pydantic import Field
+
+from shardtune.adapters.registry import AdapterFamily, register_adapter
+from shardtune.schema import AdapterBase
 
 
-def config(recipe, task, model: torch.nn.Module) -> PrefixTuningConfig:
+class PrefixTuningAdapter(AdapterBase):
+    """Trained keys and values on every layer: deep prompts, as in P-tuning v2."""
+    method: Literal["prefix_tuning"]
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="prefix length on every layer")
+    projection: bool = Field(
+        False, description="reparameterise the prefix through a two-layer MLP (prefix tuning paper)")
+    projection_hidden_size: int | None = Field(None, ge=1, description="the MLP's hidden size; default: the model's")
+
+
+def config(recipe, task, model):
+    from peft import PrefixTuningConfig
+
     ad = recipe.adapter
     kwargs = {"encoder_hidden_size": ad.projection_hidden_size} if ad.projection_hidden_size else {}
     return PrefixTuningConfig(
@@ -18,5 +33,11 @@ def config(recipe, task, model: torch.nn.Module) -> PrefixTuningConfig:
     )
 
 
-def apply(model: torch.nn.Module, recipe, task) -> torch.nn.Module:
+def apply(model, recipe, task):
+    from peft import get_peft_model
+
     return get_peft_model(model, config(recipe, task, model))
+
+
+register_adapter(AdapterFamily(method="prefix_tuning", section=PrefixTuningAdapter, apply=apply, soft_prompt=True,
+                               summary="trained keys and values on every attention layer (prefix tuning)"))

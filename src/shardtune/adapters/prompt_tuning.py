@@ -4,11 +4,24 @@ from the embeddings of a text."""
 
 from __future__ import annotations
 
-import torch
-from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+from typing import Literal
+
+from pydantic import Field
+
+from shardtune.adapters.registry import PREPENDED_POSITIONS, AdapterFamily, register_adapter
+from shardtune.schema import AdapterBase
 
 
-def config(recipe, task, model: torch.nn.Module, tokenizer_path: str) -> PromptTuningConfig:
+class PromptTuningAdapter(AdapterBase):
+    method: Literal["prompt_tuning"]
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="soft tokens prepended to every input")
+    init_text: str | None = Field(
+        None, description="initialise the soft tokens from this text's embeddings (default: random)")
+
+
+def config(recipe, task, model, tokenizer_path: str):
+    from peft import PromptTuningConfig, PromptTuningInit
+
     ad = recipe.adapter
     from_text = ad.init_text is not None
     return PromptTuningConfig(
@@ -19,7 +32,14 @@ def config(recipe, task, model: torch.nn.Module, tokenizer_path: str) -> PromptT
     )
 
 
-def apply(model: torch.nn.Module, recipe, task) -> torch.nn.Module:
+def apply(model, recipe, task):
+    from peft import get_peft_model
+
     from shardtune.backbone import model_location
 
     return get_peft_model(model, config(recipe, task, model, model_location(recipe)))
+
+
+register_adapter(AdapterFamily(method="prompt_tuning", section=PromptTuningAdapter, apply=apply, soft_prompt=True,
+                               summary="soft tokens prepended to the input embeddings (prompt tuning)",
+                               rules=(PREPENDED_POSITIONS,)))

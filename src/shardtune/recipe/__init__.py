@@ -175,9 +175,6 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
                         "remove them for int8")
     if q.mode != "none" and "float16" in (q.compute_dtype, recipe.model.dtype) and cl.gpus_per_worker == 0:
         problems.append("float16 (model.dtype or quantization.compute_dtype) needs GPUs; use float32 or bfloat16 on CPU")
-    if recipe.adapter.method == "none" and recipe.adapter.modules_to_save:
-        problems.append("adapter.modules_to_save applies to adapters; with method: none every weight "
-                        "trains already, so remove it")
     if recipe.model.gguf_file and recipe.task.type not in ("causal_lm", "prompt_classification"):
         problems.append("model.gguf_file: GGUF files hold causal language models; use task.type: causal_lm "
                         "(or prompt_classification) or a transformers model directory")
@@ -205,10 +202,6 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
         from shardtune.prompting.template import fields, parse
 
         task_roles |= {f for t in recipe.task.templates for f in fields(parse(t))}
-        if recipe.adapter.method == "frozen" and not recipe.task.has_soft_tokens():
-            problems.append("adapter.method frozen trains only the templates' {soft} tokens, and no template has "
-                            "one: nothing would train. Add soft tokens (e.g. '{soft:4} {text} {mask}'), or choose "
-                            "an adapter (lora, prompt_tuning, ...)")
     for role in recipe.data.columns:
         if role not in task_roles:
             problems.append(f"data.columns.{role}: not a column role of task {recipe.task.type}"

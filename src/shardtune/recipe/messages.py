@@ -10,9 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel
 
-from shardtune.recipe.sections import (ADAPTER_METHODS, TASK_TYPES, FrozenBackbone, FullFineTuning, IA3Adapter,
-                                       LoraAdapter, PrefixTuningAdapter, PromptTuningAdapter, PTuningAdapter, Recipe,
-                                       TaskSection)
+from shardtune.recipe.sections import ADAPTER_METHODS, ADAPTER_SECTIONS, TASK_TYPES, Recipe, TaskSection
 
 
 def _explain(err: dict) -> str:
@@ -83,9 +81,7 @@ def _model_class(annotation) -> type[BaseModel] | None:
     return None
 
 
-MEMBERS = {"adapter": {"lora": LoraAdapter, "ia3": IA3Adapter, "prompt_tuning": PromptTuningAdapter,
-                       "prefix_tuning": PrefixTuningAdapter, "p_tuning": PTuningAdapter, "frozen": FrozenBackbone,
-                       "none": FullFineTuning}}
+MEMBERS = {"adapter": ADAPTER_SECTIONS}
 
 
 def _field_at(loc: list[str], member: dict | None = None):

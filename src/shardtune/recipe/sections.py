@@ -9,14 +9,10 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-class Section(BaseModel):
-    # inf and nan are never a setting (.inf as cpus_per_worker or alpha used to pass).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-Beta = Annotated[float, Field(ge=0, lt=1)]
+from shardtune.adapters.registry import adapter_families
+from shardtune.schema import Beta, Section
 
 
 # --------------------------------------------------------------------------- model
@@ -39,82 +35,9 @@ class QuantizationSection(Section):
 
 
 # ------------------------------------------------------------------------- adapter
-TargetModules = list[str] | Literal["all-linear"]
-_MODULES_TO_SAVE = Field(None, description="modules trained in full and saved with the adapter; "
-                                           "default: the task's head")
-
-
-class _Adapter(Section):
-    modules_to_save: list[str] | None = _MODULES_TO_SAVE
-
-    @field_validator("target_modules", check_fields=False)
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("must name at least one module, or be all-linear")
-        return value
-
-
-class LoraAdapter(_Adapter):
-    method: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank; higher trains more parameters")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r))")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: TargetModules = Field(
-        default_factory=lambda: ["query", "value"], description="module names to adapt, or all-linear")
-    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r) (rsLoRA)")
-    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): a trained magnitude per output")
-    init: Literal["default", "gaussian", "pissa"] = Field(
-        "default", description="A/B initialisation: default (B = 0), gaussian, or pissa (principal singular "
-                               "vectors of the weight; needs an unquantised backbone)")
-    loraplus_lr_ratio: float | None = Field(
-        None, ge=1, description="LoRA+: the B matrices learn this many times faster than the A matrices")
-
-
-class IA3Adapter(_Adapter):
-    method: Literal["ia3"]
-    target_modules: TargetModules | None = Field(
-        None, description="modules whose activations get a learned scaling vector; default: peft's per "
-                          "architecture (keys, values and the feed-forward output)")
-    feedforward_modules: list[str] | None = Field(
-        None, description="those of target_modules that are feed-forward layers (scaled on their input)")
-
-
-class PromptTuningAdapter(_Adapter):
-    method: Literal["prompt_tuning"]
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="soft tokens prepended to every input")
-    init_text: str | None = Field(
-        None, description="initialise the soft tokens from this text's embeddings (default: random)")
-
-
-class PrefixTuningAdapter(_Adapter):
-    """Trained keys and values on every layer: deep prompts, as in P-tuning v2."""
-    method: Literal["prefix_tuning"]
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="prefix length on every layer")
-    projection: bool = Field(
-        False, description="reparameterise the prefix through a two-layer MLP (prefix tuning paper)")
-    projection_hidden_size: int | None = Field(None, ge=1, description="the MLP's hidden size; default: the model's")
-
-
-class PTuningAdapter(_Adapter):
-    method: Literal["p_tuning"]
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="soft tokens prepended to every input")
-    encoder: Literal["MLP", "LSTM"] = Field("MLP", description="the prompt encoder network")
-    encoder_hidden_size: int | None = Field(None, ge=1, description="the prompt encoder's hidden size")
-
-
-class FullFineTuning(Section):
-    method: Literal["none"]
-    modules_to_save: list[str] | None = Field(None, description="not used: every weight trains")
-
-
-class FrozenBackbone(Section):
-    """No adapter and no backbone weight trains: only a prompt template's {soft} tokens."""
-    method: Literal["frozen"]
-    modules_to_save: list[str] | None = Field(None, description="not used: nothing but the soft tokens trains")
-
-
-ADAPTER_METHODS = ["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "frozen", "none"]
+# Each family's section lives beside it in adapters/ and registers itself there.
+ADAPTER_METHODS = [family.method for family in adapter_families()]
+ADAPTER_SECTIONS = {family.method: family.section for family in adapter_families()}
 
 
 def _adapter_method(value) -> str:
@@ -124,10 +47,7 @@ def _adapter_method(value) -> str:
 
 
 AdapterSection = Annotated[
-    Union[Annotated[LoraAdapter, Tag("lora")], Annotated[IA3Adapter, Tag("ia3")],
-          Annotated[PromptTuningAdapter, Tag("prompt_tuning")], Annotated[PrefixTuningAdapter, Tag("prefix_tuning")],
-          Annotated[PTuningAdapter, Tag("p_tuning")], Annotated[FrozenBackbone, Tag("frozen")],
-          Annotated[FullFineTuning, Tag("none")]],
+    Union[tuple(Annotated[family.section, Tag(family.method)] for family in adapter_families())],
     Discriminator(_adapter_method, custom_error_type="adapter_method",
                   custom_error_message="unknown adapter method")]
 
@@ -428,7 +348,7 @@ class OutputSection(Section):
 class Recipe(Section):
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
-    adapter: AdapterSection = Field(default_factory=LoraAdapter)
+    adapter: AdapterSection = Field(default_factory=lambda: ADAPTER_SECTIONS["lora"]())
     task: TaskSection = Field(default_factory=SequenceClassificationTask)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)

@@ -117,8 +117,10 @@ class PromptClassification:
         if soft is None and self.soft_token_count(tokenizer):
             soft = self._initial_soft_tokens(model, tokenizer)
         words = vb.WordTable(self.verbalizer, self.labels, tokenizer, self._spaces(tokenizer)) if self.verbalizer else None
+        from shardtune.adapters import adapter_family
+
         return PromptModel(model, self.family, words, len(self.templates), soft,
-                           save_lm=self.recipe.adapter.method != "frozen")
+                           save_lm=adapter_family(self.recipe.adapter.method).trains_weights)
 
     def _initial_soft_tokens(self, model, tokenizer) -> torch.Tensor:
         """From the given words' embeddings, else from randomly drawn vocabulary embeddings
