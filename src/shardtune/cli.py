@@ -84,6 +84,8 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
     _print_summary(result)
 
 
+SET_HELP = ("KEY=VALUE: any recipe field for a zero-shot recipe; data.* only for a finished run (e.g. "
+            "data.columns.text=review for a file whose columns are named differently)")
 RunOrRecipeArg = typer.Argument(..., help="a finished run's output directory, or (zero-shot) a "
                                            "prompt_classification recipe")
 
@@ -92,9 +94,9 @@ RunOrRecipeArg = typer.Argument(..., help="a finished run's output directory, or
 @_command
 def evaluate(run_dir: Path = RunOrRecipeArg,
              data: Optional[Path] = typer.Option(None, help="file in the same format and columns as the training "
-                                                           "data; default for a recipe: its validation split"),
+                                                           "data; default: the run's (or recipe's) validation split"),
              format: Optional[str] = typer.Option(None, help="override the data format (jsonl, json, csv, tsv, textdir)"),
-             overrides: Optional[list[str]] = typer.Option(None, "--set", help="recipe override KEY=VALUE (zero-shot)"),
+             overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
              batch_size: int = typer.Option(32, min=1)) -> None:
     """Score a trained run, or a prompt recipe zero-shot, on a file; print the metrics as JSON."""
     loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=True,
@@ -109,11 +111,11 @@ def predict(run_dir: Path = RunOrRecipeArg,
             data: Path = typer.Option(..., help="file of inputs in the run's data format (labels optional)"),
             out_file: Path = typer.Option(..., "--out", help="where to write one JSON prediction per line"),
             format: Optional[str] = typer.Option(None, help="override the data format"),
-            overrides: Optional[list[str]] = typer.Option(None, "--set", help="recipe override KEY=VALUE (zero-shot)"),
+            overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
             batch_size: int = typer.Option(32, min=1)) -> None:
     """Write one prediction per input row as JSON lines."""
     if _generates(run_dir):  # language models: predict means generate
-        loaded, rows = _load_rows(run_dir, data, format)
+        loaded, rows = _load_rows(run_dir, data, format, overrides=overrides or [])
         records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, batch_size=batch_size)
     else:
         loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False,
@@ -132,10 +134,11 @@ def predict(run_dir: Path = RunOrRecipeArg,
 @app.command()
 @_command
 def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run's output directory"),
-             prompt: Optional[list[str]] = typer.Option(None, help="an instruction (repeat for several)"),
+             prompt: Optional[list[str]] = typer.Option(
+                 None, help="a prompt, where predict reads it from a file: the instruction, or its input when the "
+                            "recipe sets task.instruction; a user message for chat (repeat for several)"),
              max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
     """Generate responses from a tuned causal LM (for files of prompts use predict)."""
-    from shardtune.data import Row
     from shardtune.errors import RunError
     from shardtune.export import load_run
 
@@ -144,11 +147,7 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
     loaded = load_run(run_dir)
     if not getattr(loaded.task, "generates", False):
         raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; generate needs a causal_lm run")
-    column = loaded.task.cols["text" if loaded.recipe.task.input == "text" else "instruction"]
-    rows = [Row({column: p}, f"--prompt {i + 1}") for i, p in enumerate(prompt)]
-    if loaded.recipe.task.input == "chat":
-        rows = [Row({loaded.task.cols["messages"]: [{"role": "user", "content": p}]}, r.where)
-                for p, r in zip(prompt, rows)]
+    rows = [loaded.task.prompt_row(p, f"--prompt {i + 1}") for i, p in enumerate(prompt)]
     records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, max_new_tokens=max_new_tokens)
     for record in records:
         print(json.dumps({"prompt": record["prompt"], "response": record["prediction"]}))
@@ -275,15 +274,18 @@ def _generates(run_dir: Path) -> bool:
 
 def _load(run_dir: Path, overrides: list[str]):
     """A finished run, or a prompt recipe's untrained model (zero-shot)."""
-    from shardtune.errors import RunError
+    from shardtune.errors import RecipeError
     from shardtune.export import load_run, load_zero_shot
     from shardtune.recipe import load_recipe
 
     if run_dir.is_file() and run_dir.suffix in (".yaml", ".yml"):
         return load_zero_shot(load_recipe(run_dir, overrides))
-    if overrides:
-        raise RunError("--set overrides a recipe; a finished run is evaluated as it was trained")
-    return load_run(run_dir)
+    # A finished run's model and task are as trained; how the scored file is read may differ.
+    other = [pair for pair in overrides if not pair.split("=", 1)[0].strip().startswith("data.")]
+    if other:
+        raise RecipeError(f"--set {other[0]}: a finished run is evaluated as it was trained; only data.* (how the "
+                       "file is read: data.columns.ROLE=NAME, data.on_bad_row, data.max_length) may be set")
+    return load_run(run_dir, overrides)
 
 
 def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_targets: bool = False,
@@ -296,14 +298,9 @@ def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_tar
 
     if data is not None and not data.exists():
         raise DataError(f"data file '{data}' does not exist")
-    if data is None and not run_dir.is_file():
-        raise DataError("give --data: the file to score (a recipe's validation split is the default only "
-                        "when a recipe is given)")
     loaded = _load(run_dir, overrides or [])
     if data is None:
-        from shardtune.data.pipeline import load_data
-
-        return loaded, load_data(loaded.recipe, loaded.task, loaded.tokenizer, encode=False).val_rows
+        return loaded, _validation_rows(run_dir, loaded)
     source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
     if fmt is None and source.resolved_format == "":
         source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
@@ -314,6 +311,32 @@ def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_tar
     if bad:
         err.print(f"data.on_bad_row is skip: left out {len(bad)} bad rows of '{data}'; first: {bad[0]}", markup=False)
     return loaded, rows
+
+
+def _validation_rows(run_dir: Path, loaded) -> list:
+    """A recipe's validation split; for a finished run, its own, rebuilt from the recorded
+    recipe and checked against the rows the run recorded (the data may have changed since)."""
+    from shardtune.data.pipeline import load_data, rows_fingerprint
+    from shardtune.errors import DataError
+
+    # load_data fits labels on the training rows; a finished run keeps the labels it trained with.
+    trained = None if run_dir.is_file() else loaded.task.state()
+    try:
+        rows = load_data(loaded.recipe, loaded.task, loaded.tokenizer, encode=False).val_rows
+    except DataError as exc:
+        raise DataError(f"cannot rebuild the validation split ({exc.render()}); give --data FILE") from None
+    finally:
+        if trained is not None:
+            loaded.task.load_state(trained)
+    if run_dir.is_file():
+        return rows
+    recorded = json.loads((run_dir / "metrics.json").read_text()).get("summary", {}).get("validation_rows_sha256")
+    if recorded is None:
+        raise DataError(f"'{run_dir}' did not record its validation rows (an older run); give --data FILE")
+    if recorded != rows_fingerprint(rows):
+        raise DataError(f"the data files (or the data.* settings) differ from when '{run_dir}' was trained, so its "
+                        "validation split cannot be rebuilt as it was; give --data FILE to score a file")
+    return rows
 
 
 def _infer(run_dir: Path, data: Optional[Path], fmt: Optional[str], batch_size: int, *, with_targets: bool,

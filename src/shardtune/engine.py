@@ -32,7 +32,7 @@ import torch.distributed as dist
 from shardtune import backbone, checkpoint, export, quantization, rundir
 from shardtune.adapters import apply_adapter, is_peft, optimizer_groups
 from shardtune.data.pipeline import (augmented_examples, epoch_micro_batches, eval_shard, load_data,
-                                     optimizer_steps_per_epoch)
+                                     optimizer_steps_per_epoch, rows_fingerprint)
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.sharding import deepspeed_config, prepare_deepspeed
@@ -319,6 +319,7 @@ def finish(w: Worker, reporter: Reporter) -> None:
     summary = {
         "trainable_parameters": w.trainable, "total_parameters": w.total,
         "train_examples": len(w.data.train_examples), "validation_examples": len(w.data.val_examples),
+        "validation_rows_sha256": rows_fingerprint(w.data.val_rows),
         "skipped_rows": w.data.skipped, "steps": w.engine.global_steps, "epochs": w.epochs, "workers": w.world,
         "worker_seconds": round(time.perf_counter() - w.started, 2),
         "time_to_first_step_s": round(w.time_to_first_step or 0.0, 2),

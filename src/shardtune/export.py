@@ -75,8 +75,9 @@ class LoadedRun:
     model: torch.nn.Module
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a trained model from a run directory with plain transformers + peft."""
+def load_run(run_dir: str | Path, data_overrides: list[str] | None = None) -> LoadedRun:
+    """Rebuild a trained model from a run directory with plain transformers + peft;
+    `data_overrides` (data.KEY=VALUE) change how files are read, not the model."""
     from peft import PeftModel
 
     from shardtune.backbone import load_kwargs, load_model, load_tokenizer_from, refusing_remote_code
@@ -88,7 +89,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         if not (run_dir / needed).exists():
             raise RunError(f"'{run_dir}' is not a finished shardtune run: {needed} is missing "
                            "(give the output.dir of a run that completed)")
-    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    recipe = load_recipe(run_dir / "recipe.yaml", data_overrides or [], check_files=False)
     task = get_task(recipe)
     task.load_state(json.loads((run_dir / TASK_STATE).read_text()))
     tokenizer = load_tokenizer_from(run_dir / "tokenizer")

@@ -45,6 +45,9 @@ def test_recipes_exist():
     # the real SmolLM2-135M-Instruct, from its GGUF file through the safetensors cache
     ("smollm2_sst2_instruct", ["train.max_steps=4", "data.max_train_examples=64", "data.max_eval_examples=16",
                                "train.micro_batch_size=4", "train.warmup_steps=0"]),
+    # QLoRA: SmolLM2 in 4-bit NF4 under ZeRO-3, LoRA on every linear layer
+    ("smollm2_sst2_qlora", ["train.max_steps=2", "data.max_train_examples=16", "data.max_eval_examples=8",
+                            "train.micro_batch_size=2", "train.warmup_steps=0"]),
     # prompt-based few-shot LoRA on SmolLM2: three templates, the loss on the label words
     ("smollm2_sst2_prompt", ["train.max_steps=8", "data.max_eval_examples=32", "train.warmup_steps=0"]),
 ])

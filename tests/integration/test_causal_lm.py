@@ -68,3 +68,35 @@ def test_generate_refuses_other_runs(tmp_path):
     (tmp_path / "recipe.yaml").write_text("task: {type: sequence_classification}\n")
     result = cli.invoke(app, ["generate", str(tmp_path)])
     assert result.exit_code != 0 and "--prompt" in result.output
+
+
+def test_generate_with_a_fixed_instruction_answers_each_prompt_as_predict_does(tiny_llama, sentiment_data, tmp_path):
+    """task.instruction set: --prompt is the instruction's input. generate used to put it in the
+    instruction column, which the fixed instruction replaced: every prompt got the same answer."""
+    from batch_runs import train_in_one_group
+    from helpers import make_tiny_recipe
+
+    raw = make_tiny_recipe(tiny_llama, sentiment_data, tmp_path / "run")
+    raw["task"] = {"type": "causal_lm", "instruction": "say good or bad", "response_map": {"neg": "bad", "pos": "good"},
+                   "max_new_tokens": 2}
+    raw["adapter"]["target_modules"] = ["q_proj", "v_proj"]
+    raw["data"].update(columns={"input": "text", "response": "label"}, max_length=48)
+    raw["train"]["epochs"] = 1
+    result = train_in_one_group({"run": raw}, tmp_path / "batch")["run"]
+    assert result.get("code") == 0, result
+
+    texts = ["the film was superb and moving", "a dull and awful plot"]
+    generated = cli.invoke(app, ["generate", str(tmp_path / "run"), "--prompt", texts[0], "--prompt", texts[1]])
+    assert generated.exit_code == 0, generated.output
+    answers = [json.loads(line) for line in generated.stdout.splitlines()[-2:]]
+    # (the tiny tokenizer spells unknown words in pieces: compare words it knows)
+    assert "superb" in answers[0]["prompt"] and "superb" not in answers[1]["prompt"]
+    assert all("say good o" in a["prompt"] for a in answers)
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": t, "label": "pos"} for t in texts])
+    out = tmp_path / "p.jsonl"
+    predicted = cli.invoke(app, ["predict", str(tmp_path / "run"), "--data", str(rows), "--out", str(out)])
+    assert predicted.exit_code == 0, predicted.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == [r["prompt"] for r in records]
+    assert [a["response"] for a in answers] == [r["prediction"] for r in records]

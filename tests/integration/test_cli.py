@@ -217,3 +217,37 @@ def test_eval_follows_the_runs_skip_setting(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "left out 1 bad rows" in result.output and "odd.jsonl:7: label 'meh'" in result.output
     assert json.loads(result.stdout[result.stdout.index("{"):])["examples"] == 6
+
+
+def test_eval_and_predict_map_the_columns_of_a_differently_named_file(trained_run, sentiment_data, tmp_path):
+    rows = [json.loads(line) for line in sentiment_data["test"].read_text().splitlines()]
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"review": r["text"], "gold": r["label"]} for r in rows])
+    run_dir = str(trained_run["dir"])
+    result = cli.invoke(app, ["eval", run_dir, "--data", str(renamed)])
+    assert result.exit_code == 2 and "data.columns" in result.output  # the message names the fix ...
+    mapped = cli.invoke(app, ["eval", run_dir, "--data", str(renamed), "--set", "data.columns.text=review",
+                              "--set", "data.columns.label=gold"])
+    assert mapped.exit_code == 0, mapped.output  # ... and the fix is accepted
+    original = cli.invoke(app, ["eval", run_dir, "--data", str(sentiment_data["test"])])
+    same = {k: v for k, v in json.loads(mapped.stdout).items() if k != "data"}
+    assert same == {k: v for k, v in json.loads(original.stdout).items() if k != "data"}
+    out = tmp_path / "p.jsonl"
+    predicted = cli.invoke(app, ["predict", run_dir, "--data", str(renamed), "--out", str(out),
+                                 "--set", "data.columns.text=review"])
+    assert predicted.exit_code == 0 and len(out.read_text().splitlines()) == len(rows), predicted.output
+
+    refused = cli.invoke(app, ["eval", run_dir, "--data", str(renamed), "--set", "train.learning_rate=1"])
+    assert refused.exit_code == 2 and "evaluated as it was trained; only data.*" in refused.output
+
+
+def test_eval_without_data_scores_the_runs_own_validation_split(trained_run):
+    run_dir = trained_run["dir"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = cli.invoke(app, ["eval", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert scored["examples"] == metrics["summary"]["validation_examples"]
+    assert scored["loss"] == pytest.approx(metrics["final"]["loss"], rel=1e-4)  # the rows the run scored last
+    assert scored["accuracy"] == pytest.approx(metrics["final"]["accuracy"])
+    other = cli.invoke(app, ["eval", str(run_dir), "--set", "data.validation_split=0.3"])
+    assert other.exit_code == 2 and "validation split cannot be rebuilt as it was" in other.output

@@ -29,6 +29,7 @@ def test_render_from_the_recipe(tiny_recipe, tmp_path):
     raw["slurm"] = {"nodes": 2, "gpus_per_node": 4, "cpus_per_node": 16, "memory": "64G", "time": "02:00:00",
                     "partition": "gpu", "account": "proj1", "sbatch_options": ["--qos=high"],
                     "setup": ["module load cuda", "source /opt/venv/bin/activate"]}
+    raw["cluster"] = {"workers": 8, "gpus_per_worker": 1, "cpus_per_worker": 4}
     recipe = write_recipe(tmp_path / "my recipe.yaml", raw)
     result = cli.invoke(app, ["slurm", str(recipe), "train.epochs=1"])
     assert result.exit_code == 0, result.output
@@ -64,3 +65,34 @@ def test_bad_slurm_sections(tiny_recipe, tmp_path, bad, fragment):
     raw["slurm"] = bad
     result = cli.invoke(app, ["slurm", str(write_recipe(tmp_path / "r.yaml", raw))])
     assert result.exit_code == 2 and fragment in result.output, result.output
+
+
+# The job's allocation and the recipe's workers must agree (it used to render a job holding
+# 8 GPUs for 2 CPU workers, without a word).
+MISMATCHES = [
+    ("gpus-for-cpu-workers", {"nodes": 2, "gpus_per_node": 4}, {"workers": 2},
+     "slurm asks for 8 GPUs (2 nodes x 4) but cluster.gpus_per_worker is 0"),
+    ("too-few-workers", {"nodes": 2, "gpus_per_node": 4, "cpus_per_node": 16}, {"workers": 4, "gpus_per_worker": 1},
+     "= 4 GPUs, but the Slurm job holds 8 (2 nodes x 4); set cluster.workers: 8"),
+    ("gpu-workers-no-gpus", {"nodes": 2}, {"workers": 2, "gpus_per_worker": 1},
+     "slurm.gpus_per_node is 0: the job would get no GPUs"),
+    ("worker-bigger-than-a-node", {"nodes": 2, "gpus_per_node": 1, "cpus_per_node": 8},
+     {"workers": 1, "gpus_per_worker": 2}, "no node could hold a worker"),
+    ("too-many-cpus", {"nodes": 2, "cpus_per_node": 2}, {"workers": 3, "cpus_per_worker": 2},
+     "= 6 CPUs (2 each), but the Slurm job has 2 nodes x 2 CPUs"),
+]
+
+
+@pytest.mark.parametrize("case,slurm,cluster,fragment", MISMATCHES, ids=[m[0] for m in MISMATCHES])
+def test_a_job_that_does_not_match_the_workers_is_refused(tiny_recipe, tmp_path, case, slurm, cluster, fragment):
+    raw = copy.deepcopy(tiny_recipe)
+    raw["slurm"], raw["cluster"] = slurm, cluster
+    result = cli.invoke(app, ["slurm", str(write_recipe(tmp_path / "r.yaml", raw))])
+    assert result.exit_code == 2 and fragment in " ".join(result.output.split()), result.output
+
+
+def test_the_shipped_slurm_recipe_renders(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    result = cli.invoke(app, ["slurm", "recipes/sst2.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --nodes=2\n" in result.stdout

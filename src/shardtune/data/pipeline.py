@@ -57,6 +57,14 @@ def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
     return Data(train_rows, val_rows, *examples, skipped, ((bad_train or []) + (bad_val or []))[:5])
 
 
+def rows_fingerprint(rows: list) -> str:
+    """Which rows these are (their file:line, in order): a run records its validation split's,
+    so that `shardtune eval RUN` can rebuild that split later and know it is the same."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(row.where for row in rows).encode()).hexdigest()
+
+
 def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_targets: bool = True) -> list:
     """The rows that encode on their own; the others' problems go to `bad`. A file that is
     mostly bad is not what the recipe says it is: that stays an error."""

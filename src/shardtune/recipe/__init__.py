@@ -165,6 +165,7 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
                         "set zero_stage: 3 or offload_params: false")
     if sh.offload_optimizer and sh.zero_stage == 0:
         problems.append("sharding.offload_optimizer needs ZeRO stage 1, 2 or 3; set sharding.zero_stage: 2")
+    problems += _slurm_problems(recipe)
     if sh.precision == "fp16" and cl.gpus_per_worker == 0:
         problems.append("sharding.precision: fp16 needs GPUs (cluster.gpus_per_worker > 0); "
                         "use fp32 or bf16 on CPU")
@@ -242,6 +243,38 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
                   and not (local / "config.json").is_file()):
                 problems.append(f"model.path: '{recipe.model.path}' has no config.json, so it is not a "
                                 "transformers model folder; give the folder from_pretrained/save_pretrained uses")
+    return problems
+
+
+def _slurm_problems(recipe: Recipe) -> list[str]:
+    """The job's allocation and the Ray workers must agree: Slurm would otherwise hold GPUs the
+    workers never use (a recipe of CPU workers under --gpus-per-node), or the workers would
+    wait for resources the job does not have."""
+    sl, cl = recipe.slurm, recipe.cluster
+    if sl is None:
+        return []
+    gpus = sl.nodes * sl.gpus_per_node
+    if gpus and cl.gpus_per_worker == 0:
+        return [f"slurm asks for {gpus} GPUs ({sl.nodes} nodes x {sl.gpus_per_node}) but cluster.gpus_per_worker is "
+                f"0, so the workers would train on CPU and the GPUs sit idle; set cluster.gpus_per_worker: 1 and "
+                f"cluster.workers: {gpus}, or slurm.gpus_per_node: 0"]
+    if cl.gpus_per_worker and not gpus:
+        return [f"cluster.gpus_per_worker is {cl.gpus_per_worker:g} but slurm.gpus_per_node is 0: the job would get "
+                "no GPUs; set slurm.gpus_per_node to the GPUs each node has"]
+    problems = []
+    if gpus and cl.workers * cl.gpus_per_worker != gpus:
+        fits = gpus / cl.gpus_per_worker
+        fix = f"set cluster.workers: {fits:g}" if fits == int(fits) else "change cluster.gpus_per_worker"
+        problems.append(f"cluster.workers x gpus_per_worker = {cl.workers * cl.gpus_per_worker:g} GPUs, but the Slurm "
+                        f"job holds {gpus} ({sl.nodes} nodes x {sl.gpus_per_node}); {fix}, or change slurm.nodes or "
+                        "slurm.gpus_per_node")
+    if cl.gpus_per_worker > sl.gpus_per_node > 0:
+        problems.append(f"cluster.gpus_per_worker ({cl.gpus_per_worker:g}) is more than a node's "
+                        f"slurm.gpus_per_node ({sl.gpus_per_node}): no node could hold a worker")
+    if cl.cpus_per_worker > sl.cpus_per_node or cl.workers * cl.cpus_per_worker > sl.nodes * sl.cpus_per_node:
+        problems.append(f"cluster.workers x cpus_per_worker = {cl.workers * cl.cpus_per_worker:g} CPUs "
+                        f"({cl.cpus_per_worker:g} each), but the Slurm job has {sl.nodes} nodes x "
+                        f"{sl.cpus_per_node} CPUs; raise slurm.cpus_per_node or slurm.nodes, or lower the workers")
     return problems
 
 

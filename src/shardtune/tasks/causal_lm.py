@@ -62,6 +62,16 @@ class CausalLM:
         return [Example(index=i, features={"input_ids": ids}, target=labels) for i, (ids, labels) in
                 enumerate(sequences)]
 
+    def prompt_row(self, text: str, where: str) -> Row:
+        """A user's prompt (`shardtune generate --prompt`) as the row a data file would hold, so
+        that generate answers what predict answers for that row. With a fixed task.instruction
+        the text is the row's input: as the instruction it would be replaced by the fixed one,
+        and every prompt would get the same answer."""
+        if self.options.input == "chat":
+            return Row({self.cols["messages"]: [{"role": "user", "content": text}]}, where)
+        role = "text" if self.options.input == "text" else "input" if self.options.instruction else "instruction"
+        return Row({self.cols[role]: text}, where)
+
     def prompt_ids(self, row: Row, tokenizer) -> list[int]:
         """The tokens a generation for this row starts from."""
         if self.options.input == "chat":
