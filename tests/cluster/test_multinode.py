@@ -174,6 +174,7 @@ def test_submit_refuses_a_relative_output_dir_before_contacting_the_cluster(tiny
     assert proc.returncode == 2 and "output.dir must be an absolute path" in proc.stderr
 
 
+@pytest.mark.slow  # ~4 minutes (Ray notices the node's death by heartbeat); the retry test below loses one too
 def test_a_lost_node_ends_the_run_with_an_error_naming_it(cluster, tiny_recipe, tmp_path):
     third = _start_node(["--address", cluster["address"], "--dashboard-agent-listen-port", str(free_port()),
                          *_node_args("127.0.0.4", cluster["root"] / "node3")], cluster["env"],

@@ -40,11 +40,13 @@ def test_recipes_exist():
 @pytest.mark.e2e
 @pytest.mark.parametrize("name,overrides", [
     ("quickstart", ["train.max_steps=8", "data.max_eval_examples=96", "train.warmup_steps=1"]),
-    ("sst2", ["train.max_steps=6", "data.max_train_examples=400", "data.max_eval_examples=64",
-              "train.warmup_steps=1"]),
+    # slow: the same encoder and adapter as quickstart; the same decoder and task as the QLoRA one
+    pytest.param("sst2", ["train.max_steps=6", "data.max_train_examples=400", "data.max_eval_examples=64",
+                          "train.warmup_steps=1"], marks=pytest.mark.slow),
     # the real SmolLM2-135M-Instruct, from its GGUF file through the safetensors cache
-    ("smollm2_sst2_instruct", ["train.max_steps=4", "data.max_train_examples=64", "data.max_eval_examples=16",
-                               "train.micro_batch_size=4", "train.warmup_steps=0"]),
+    pytest.param("smollm2_sst2_instruct", ["train.max_steps=4", "data.max_train_examples=64",
+                                           "data.max_eval_examples=16", "train.micro_batch_size=4",
+                                           "train.warmup_steps=0"], marks=pytest.mark.slow),
     # QLoRA: SmolLM2 in 4-bit NF4 under ZeRO-3, LoRA on every linear layer
     ("smollm2_sst2_qlora", ["train.max_steps=2", "data.max_train_examples=16", "data.max_eval_examples=8",
                             "train.micro_batch_size=2", "train.warmup_steps=0"]),

@@ -63,7 +63,7 @@ def fault_recipe(tiny_recipe):
     return raw
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_resume_after_a_killed_worker_matches_an_uninterrupted_run(reference_run, fault_recipe, tmp_path,
                                                                    quantization):
     # nf4: the checkpoint leaves the frozen 4-bit weights out and the resumed run reloads them

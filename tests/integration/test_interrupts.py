@@ -92,10 +92,13 @@ def assert_same_adapter(ours: Path, reference: Path) -> None:
 
 
 # SIGUSR1 takes SIGTERM's path (one handler); the Slurm test sends it through sbatch.
-STOPS = [("SIGTERM", signal.SIGTERM, False), ("Ctrl-C", signal.SIGINT, True)]
+# SIGTERM's stop is slow-marked: it is the same handler, and the refusal test below and the
+# Slurm time-limit test (SIGTERM forwarded by the batch script) stop runs with it too.
+STOPS = [pytest.param("SIGTERM", signal.SIGTERM, False, id="SIGTERM", marks=pytest.mark.slow),
+         pytest.param("Ctrl-C", signal.SIGINT, True, id="Ctrl-C")]
 
 
-@pytest.mark.parametrize("name,signum,to_group", STOPS, ids=[s[0] for s in STOPS])
+@pytest.mark.parametrize("name,signum,to_group", STOPS)
 def test_a_stopped_run_checkpoints_and_resumes_to_the_same_adapter(reference, stop_recipe, tmp_path, name, signum,
                                                                    to_group):
     before = _scratch_folders()
