@@ -37,11 +37,6 @@ def stop_recipe(tiny_recipe):
     return raw
 
 
-@pytest.fixture
-def reference(reference_run):
-    return reference_run
-
-
 def _start(recipe_path, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Its own session, as a terminal gives a job its own process group: Ctrl-C goes to all of it.
@@ -99,7 +94,7 @@ STOPS = [pytest.param("SIGTERM", signal.SIGTERM, False, id="SIGTERM", marks=pyte
 
 
 @pytest.mark.parametrize("name,signum,to_group", STOPS)
-def test_a_stopped_run_checkpoints_and_resumes_to_the_same_adapter(reference, stop_recipe, tmp_path, name, signum,
+def test_a_stopped_run_checkpoints_and_resumes_to_the_same_adapter(reference_run, stop_recipe, tmp_path, name, signum,
                                                                    to_group):
     before = _scratch_folders()
     out = tmp_path / "stopped"
@@ -118,7 +113,7 @@ def test_a_stopped_run_checkpoints_and_resumes_to_the_same_adapter(reference, st
     _resume(recipe)
     log = (out / "logs" / "train.log").read_text()
     assert "resumed from the checkpoint after epoch" in log and "micro-batches" in log  # mid-epoch
-    assert_same_adapter(out, reference)
+    assert_same_adapter(out, reference_run)
     assert not (tmp_path / "stopped.partial").exists() and _scratch_folders() <= before
 
 
@@ -141,7 +136,7 @@ def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint(ray_session, s
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["summary"]["steps"] == 60
 
 
-def test_sigkill_of_the_driver_keeps_the_checkpoint_and_leaves_no_processes(reference, stop_recipe, tmp_path):
+def test_sigkill_of_the_driver_keeps_the_checkpoint_and_leaves_no_processes(reference_run, stop_recipe, tmp_path):
     out = tmp_path / "killed"
     stop_recipe["output"]["dir"] = str(out)
     recipe = write_recipe(tmp_path / "r.yaml", stop_recipe)
@@ -154,7 +149,7 @@ def test_sigkill_of_the_driver_keeps_the_checkpoint_and_leaves_no_processes(refe
     assert not alive, [p.info if hasattr(p, "info") else p.pid for p in alive]  # Ray's agents used to linger
     assert (tmp_path / "killed.partial" / "ray").is_dir()
     _resume(recipe)
-    assert_same_adapter(out, reference)
+    assert_same_adapter(out, reference_run)
 
 
 def _stopped_run(stop_recipe: dict, tmp_path: Path) -> Path:
