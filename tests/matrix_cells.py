@@ -9,7 +9,8 @@ from pathlib import Path
 
 import tiny_models
 
-TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "t5": ["q", "v"]}
+BACKBONES = {"causal_lm": "llama", "prompt": "llama", "seq2seq": "t5"}  # the others: bert
 LEARNING_RATE = {"none": 2e-3, "prompt_tuning": 5e-2, "p_tuning": 2e-2, "prefix_tuning": 5e-2, "frozen": 5e-2}
 # The prompt family: a causal LM read through a verbalizer, with template soft tokens that
 # every method trains (and that adapter.method frozen trains alone).
@@ -20,15 +21,17 @@ PROMPT_TASK = {"type": "prompt_classification", "templates": ["{soft:2} {text} i
 def build_assets(root: Path) -> dict:
     """Tiny models and a data file per task family, built once."""
     root.mkdir(parents=True, exist_ok=True)
-    assets = {"bert": root / "bert", "llama": root / "llama"}
+    assets = {"bert": root / "bert", "llama": root / "llama", "t5": root / "t5"}
     if not (assets["bert"] / "config.json").exists():
         tiny_models.build_tiny_bert(assets["bert"])
         tiny_models.build_tiny_llama(assets["llama"])
+        tiny_models.build_tiny_t5(assets["t5"])
     assets["classification"] = tiny_models.write_jsonl(root / "cls.jsonl", tiny_models.sentiment_rows(64, 1))
     assets["tagging"] = tiny_models.write_jsonl(root / "tag.jsonl", tiny_models.tagged_rows(64, 2))
     assets["qa"] = tiny_models.squad_file(root / "qa.json", 64, 3)
     assets["causal_lm"] = tiny_models.write_jsonl(root / "clm.jsonl", tiny_models.instruction_rows(64, 4))
     assets["prompt"] = assets["classification"]
+    assets["seq2seq"] = tiny_models.write_jsonl(root / "s2s.jsonl", tiny_models.text2text_rows(64, 5))
     return {k: str(v) for k, v in assets.items()}
 
 
@@ -51,10 +54,11 @@ def _learning_rate(method: str, backbone: str) -> float:
 
 def cell_recipe(assets: dict, out: Path, *, method: str, quant: str, zero: int, family: str,
                 adapter: dict | None = None, quantization: dict | None = None, steps: int = 30) -> dict:
-    backbone = "llama" if family in ("causal_lm", "prompt") else "bert"
+    backbone = BACKBONES.get(family, "bert")
     source = {"path": assets[family], "format": "squad"} if family == "qa" else assets[family]
     task = {"classification": {"type": "sequence_classification"}, "tagging": {"type": "token_classification"},
-            "qa": {"type": "question_answering"}, "causal_lm": {"type": "causal_lm"}, "prompt": PROMPT_TASK}[family]
+            "qa": {"type": "question_answering"}, "causal_lm": {"type": "causal_lm"}, "prompt": PROMPT_TASK,
+            "seq2seq": {"type": "seq2seq", "max_new_tokens": 3}}[family]
     return {
         "model": {"path": assets[backbone]},
         "quantization": {**(quantization or {}), "mode": quant},
@@ -93,7 +97,7 @@ def matrix_cells(assets: dict, out_root: Path) -> dict[str, dict]:
                 for mode in modes if quantization is None else (quantization.get("mode", "nf4"),):
                     if name == "lora+dora" and mode != "none" and zero == 3:
                         continue  # refused: compat.DORA_QUANTIZED_ZERO3 (tests/unit/test_compat.py)
-                    backbone = "llama" if family in ("causal_lm", "prompt") else "bert"
+                    backbone = BACKBONES.get(family, "bert")
                     cell = f"{name}/{mode}/zero{zero}/{family}"
                     cells[cell] = cell_recipe(assets, out_root / cell.replace("/", "-"), method=method, quant=mode,
                                               zero=zero, family=family, adapter=adapter_for(method, backbone, **extra),

@@ -164,6 +164,11 @@ def instruction_rows(n: int, seed: int) -> list[dict]:
             for r in sentiment_rows(n, seed)]
 
 
+def text2text_rows(n: int, seed: int) -> list[dict]:
+    """A sentence of polar words -> "good" or "bad" (text-to-text, T5's way of classifying)."""
+    return [{"source": r["text"], "target": "good" if r["label"] == "pos" else "bad"} for r in sentiment_rows(n, seed)]
+
+
 def build_tiny_t5(directory: Path) -> Path:
     """A 2-layer, 64-wide T5 (encoder-decoder) with the WordPiece tokenizer: the slot is the
     encoder's [MASK] and the decoder's first position."""

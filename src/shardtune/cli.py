@@ -57,7 +57,9 @@ def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = Override
     from shardtune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
-    if resolved.task.type == "prompt_classification":  # label words need the tokenizer
+    from shardtune.tasks import Can, task_kind
+
+    if task_kind(resolved.task.type).can(Can.CHECK_TOKENIZER):  # e.g. label words: they need the tokenizer
         from shardtune.backbone import load_tokenizer
         from shardtune.tasks import get_task
 
@@ -145,8 +147,11 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
     if not prompt:
         raise RunError("give at least one --prompt")
     loaded = load_run(run_dir)
-    if not getattr(loaded.task, "generates", False):
-        raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; generate needs a causal_lm run")
+    from shardtune.tasks import Can, kind_of, task_kinds
+
+    if not kind_of(loaded.recipe).can(Can.GENERATE):
+        able = " or ".join(kind.type for kind in task_kinds() if kind.can(Can.GENERATE))
+        raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; generate needs a {able} run")
     rows = [loaded.task.prompt_row(p, f"--prompt {i + 1}") for i, p in enumerate(prompt)]
     records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, max_new_tokens=max_new_tokens)
     for record in records:
@@ -269,7 +274,13 @@ def _generates(run_dir: Path) -> bool:
     from shardtune.recipe import load_raw
 
     recipe = run_dir if run_dir.is_file() else run_dir / "recipe.yaml"
-    return recipe.is_file() and (load_raw(recipe).get("task") or {}).get("type") == "causal_lm"
+    from shardtune.tasks import Can, task_kinds
+
+    if not recipe.is_file():
+        return False
+    kinds = {kind.type: kind for kind in task_kinds()}
+    kind = kinds.get((load_raw(recipe).get("task") or {}).get("type"))
+    return kind is not None and kind.can(Can.GENERATE)
 
 
 def _load(run_dir: Path, overrides: list[str]):

@@ -14,13 +14,16 @@ import sys
 
 from shardtune.adapters import adapter_families, adapter_family
 from shardtune.adapters.registry import Rule
+from shardtune.tasks.registry import task_kind, task_kinds
 
 METHODS = [family.method for family in adapter_families()]
 QUANTIZATION = {"none": "none", "4-bit": "nf4", "8-bit": "int8"}  # matrix label -> a mode of that width
 ZERO_STAGES = [0, 1, 2, 3]
-FAMILIES = {"classification": ("sequence_classification", "sequence_regression"),
-            "tagging": ("token_classification",), "qa": ("question_answering",), "causal_lm": ("causal_lm",),
-            "prompt": ("prompt_classification",)}
+# The task families (the matrix's columns), from the task registry: tasks of one family
+# share every rule, so the matrix trains one task of each.
+FAMILIES: dict[str, tuple[str, ...]] = {}
+for _kind in task_kinds():
+    FAMILIES[_kind.family] = FAMILIES.get(_kind.family, ()) + (_kind.type,)
 
 # The rules of quantisation and sharding, whatever the adapter; the adapters' own rules live
 # beside them (adapters/<method>.py) and are read from the registry.
@@ -54,7 +57,7 @@ def rules() -> list[Rule]:
 
 
 def family_of(task_type: str) -> str:
-    return next(name for name, types in FAMILIES.items() if task_type in types)
+    return task_kind(task_type).family
 
 
 def refusal(method: str, quant_mode: str, zero_stage: int, family: str) -> tuple[str, str] | None:
@@ -89,8 +92,8 @@ def matrix_markdown() -> str:
         "file is current, and `tests/integration/test_matrix.py` trains the cells marked yes",
         "(2 workers, tiny random models, loss must fall; a covering set by default, all with",
         "`--slow`) and checks every refusal.", "",
-        "Z0-Z3: DeepSpeed ZeRO stage. classification includes regression. yes: trains; a letter:",
-        "refused at validation, for the reason below.", "",
+        "Z0-Z3: DeepSpeed ZeRO stage; the task families are listed below the reasons. yes: trains;",
+        "a letter: refused at validation, for the reason below.", "",
         "| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
     ]
     for method in METHODS:
@@ -105,6 +108,9 @@ def matrix_markdown() -> str:
     lines += [f"- **{keys[rule.key]}** ({rule.key}): {rule.reason}." for rule in rules()]
     lines += ["", "Adapter methods:", ""]
     lines += [f"- `{family.method}`: {family.summary}." for family in adapter_families()]
+    lines += ["", "Task families (each task registers its family beside its code, `src/shardtune/tasks/`):", ""]
+    lines += [f"- {fam}: " + "; ".join(f"`{kind.type}`, {kind.summary}" for kind in task_kinds()
+                                       if kind.family == fam) + "." for fam in FAMILIES]
     lines += ["", "Beyond the axes:", ""]
     lines += [f"- {rule.key}: {rule.reason}." for family in adapter_families() for rule in family.recipe_rules]
     lines += [f"- {PREQUANTIZED_ZERO3[0]} (checked before launch, from the checkpoint's config): "

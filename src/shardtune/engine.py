@@ -36,7 +36,7 @@ from shardtune.data.pipeline import (augmented_examples, epoch_micro_batches, ev
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.sharding import deepspeed_config, prepare_deepspeed
-from shardtune.tasks import get_task
+from shardtune.tasks import Can, get_task, kind_of
 
 EXPORT_DIR = "export"     # the finished run's files inside the final checkpoint
 SCRATCH_PREFIX = "shardtune-rank"
@@ -136,10 +136,11 @@ def setup(recipe: Recipe, reporter: Reporter, rank: int, world: int, device: tor
         log(f"skipped bad rows (data.on_bad_row: skip): {data.skipped['train']} train, "
             f"{data.skipped['validation']} validation; first: " + " | ".join(data.problems))
     model = backbone.load_model(recipe, task, tokenizer)
-    if hasattr(task, "fit_verbalizer"):  # prompt tasks: label words found from the untrained model
+    kind = kind_of(recipe)
+    if kind.can(Can.FIT_ON_MODEL):  # prompt tasks: label words found from the untrained model
         task.fit_verbalizer(model, tokenizer, data.train_examples, device, rank, world, log)
     model = apply_adapter(model, recipe, task)
-    if hasattr(task, "wrap"):  # prompt tasks: read the LM at the label slot, with the soft tokens
+    if kind.can(Can.WRAP_MODEL):  # prompt tasks: read the LM at the label slot, with the soft tokens
         model = task.wrap(model, tokenizer)
     w.trainable, w.total = backbone.count_parameters(model)
     log(f"model ready: {w.trainable:,} trainable of {w.total:,} parameters "

@@ -15,6 +15,8 @@ import torch
 
 from shardtune.errors import RunError
 from shardtune.rundir import TASK_STATE
+from shardtune.tasks import Can, get_task, kind_of, task_kinds
+from shardtune.tasks.registry import kind_of_task
 
 
 def save_trained(model: torch.nn.Module, directory: Path, *, is_peft: bool, zero_stage: int,
@@ -55,10 +57,14 @@ def forward_outputs(model: torch.nn.Module, task, tokenizer, examples, batch_siz
     was_training = model.training
     model.eval()
     outputs: list[np.ndarray] = []
-    if hasattr(task, "before_forward"):  # e.g. a prompt task's content-free calibration input
+    kind = kind_of_task(task)
+    if kind.can(Can.PREPARE_FORWARD):  # e.g. a prompt task's content-free calibration input
         task.before_forward(model, tokenizer, device)
     for start in range(0, len(examples), batch_size):
         batch = task.collate(examples[start:start + batch_size], tokenizer)
+        if kind.can(Can.GENERATE_AT_EVAL):  # the targets stay: a teacher-forced loss, and texts to compare
+            outputs.extend(task.eval_outputs(model, {k: v.to(device) for k, v in batch.items()}, tokenizer))
+            continue
         for key in task.target_keys:
             batch.pop(key, None)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -82,7 +88,6 @@ def load_run(run_dir: str | Path, data_overrides: list[str] | None = None) -> Lo
 
     from shardtune.backbone import load_kwargs, load_model, load_tokenizer_from, refusing_remote_code
     from shardtune.recipe import load_recipe
-    from shardtune.tasks import get_task
 
     run_dir = Path(run_dir)
     for needed in ("recipe.yaml", TASK_STATE, "tokenizer"):
@@ -104,7 +109,7 @@ def load_run(run_dir: str | Path, data_overrides: list[str] | None = None) -> Lo
             model = task.build_model(str(saved), load_kwargs(recipe))
     else:
         raise RunError(f"'{run_dir}' holds neither adapter/ nor model/; the run did not finish")
-    if hasattr(task, "wrap"):
+    if kind_of(recipe).can(Can.WRAP_MODEL):
         model = task.wrap(model, tokenizer, saved=str(saved))
     model.eval()
     return LoadedRun(recipe, task, tokenizer, model)
@@ -116,10 +121,10 @@ def load_zero_shot(recipe) -> LoadedRun:
     training data to find its words; soft tokens are refused, as nothing has trained them."""
     from shardtune.backbone import load_model, load_tokenizer
     from shardtune.errors import RecipeError
-    from shardtune.tasks import get_task
 
-    if recipe.task.type != "prompt_classification":
-        raise RecipeError(f"zero-shot evaluation needs task.type prompt_classification (a template and a "
+    if not kind_of(recipe).can(Can.ZERO_SHOT):
+        able = [kind.type for kind in task_kinds() if kind.can(Can.ZERO_SHOT)]
+        raise RecipeError(f"zero-shot evaluation needs task.type {' or '.join(able)} (a template and a "
                           f"verbalizer), not {recipe.task.type}: its head is untrained until a run trains it. "
                           "Give a finished run's directory instead")
     if recipe.task.has_soft_tokens():
@@ -153,7 +158,6 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     from shardtune.adapters import adapter_family
     from shardtune.backbone import load_model, load_tokenizer_from
     from shardtune.recipe import load_recipe
-    from shardtune.tasks import get_task
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "recipe.yaml").is_file():
@@ -163,7 +167,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     method = recipe.adapter.method
     family = adapter_family(method)
-    if recipe.task.type == "prompt_classification" and recipe.task.has_soft_tokens():  # always so for frozen
+    if recipe.task.has_soft_tokens():  # always so for adapter.method frozen
         raise RunError("this run's templates have trained {soft} tokens, which live outside the model's weights; "
                        f"load it with `shardtune eval/predict {run_dir}` instead of merging")
     if family.soft_prompt:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -24,6 +23,8 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
 def classification_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """loss, accuracy, macro-F1, Matthews correlation (CoLA's metric) and, with two labels,
     F1 of the second label as the positive class (MRPC's F1)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef  # sklearn costs seconds to import
+
     predicted = logits.argmax(axis=-1)
     labels = list(range(logits.shape[-1]))
     metrics = {

@@ -150,11 +150,11 @@ def preflight(recipe: Recipe) -> None:
     from shardtune.compat import check_prequantized
     from shardtune.backbone import load_tokenizer
     from shardtune.data.pipeline import load_data, optimizer_steps_per_epoch
-    from shardtune.tasks import get_task
+    from shardtune.tasks import Can, get_task, kind_of
 
     task = get_task(recipe)
     tokenizer = load_tokenizer(recipe)
-    if hasattr(task, "check"):  # what needs the tokenizer: e.g. prompt tasks' label words
+    if kind_of(recipe).can(Can.CHECK_TOKENIZER):  # e.g. prompt tasks' label words
         task.check(tokenizer)
     data = load_data(recipe, task, tokenizer)
     if sum(data.skipped.values()):

@@ -32,3 +32,12 @@ class AdapterBase(Section):
         if isinstance(value, list) and not value:
             raise ValueError("must name at least one module, or be all-linear")
         return value
+
+
+class TaskBase(Section):
+    """The base of a task's section: its `type` Literal is the union's tag."""
+
+    def has_soft_tokens(self) -> bool:
+        """Whether the task itself trains soft tokens (prompt templates' {soft}): they live
+        outside the model's weights, so such a run cannot be merged."""
+        return False

@@ -21,12 +21,18 @@ def needs_shared(recipe: Path) -> bool:
     return "../shared/data" in recipe.read_text()
 
 
+# Recipes whose model comes from the hub, which this machine cannot reach (no T5 installs
+# from PyPI): validated, data and all, with the tiny model of the same family in its place.
+HUB_STAND_INS = {"t5_sst2_text2text": "tiny_t5"}
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_every_shipped_recipe_validates(recipe, monkeypatch):
+def test_every_shipped_recipe_validates(recipe, monkeypatch, request):
     if needs_shared(recipe) and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     monkeypatch.chdir(ROOT)  # recipes name paths relative to the project root
-    loaded = load_recipe(recipe)
+    stand_in = HUB_STAND_INS.get(recipe.stem)
+    loaded = load_recipe(recipe, [f"model.path={request.getfixturevalue(stand_in)}"] if stand_in else [])
     assert loaded.output.dir == str(ROOT / "runs" / recipe.stem)
     preflight(loaded)  # the real data reads, fits the task and tokenises; module names exist
     # Each recipe opens with a comment that says what it does and how to run it.

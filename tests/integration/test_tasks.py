@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from batch_runs import train_in_one_group
 from helpers import make_tiny_recipe
 from shardtune.cli import app
-from tiny_models import similarity_rows, squad_file, tagged_rows, write_jsonl
+from tiny_models import similarity_rows, squad_file, tagged_rows, text2text_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
 cli = CliRunner()
@@ -27,6 +27,9 @@ TASKS = [
      lambda p, n, s: write_jsonl(p / "d.jsonl", tagged_rows(n, s)), {}, "entity_f1", True),
     ("qa", {"type": "question_answering", "doc_stride": 8},
      lambda p, n, s: squad_file(p / "d.json", n, s), {"max_length": 48}, "f1", True),
+    # The encoder-decoder family, on a tiny T5: generation at evaluation, scored as text.
+    ("seq2seq", {"type": "seq2seq", "max_new_tokens": 4},
+     lambda p, n, s: write_jsonl(p / "d.jsonl", text2text_rows(n, s)), {}, "exact_match", True),
 ]
 
 
@@ -34,7 +37,7 @@ STAGES = [0, 3]
 
 
 @pytest.fixture(scope="module")
-def task_runs(tiny_bert, sentiment_data, tmp_path_factory):
+def task_runs(tiny_bert, tiny_t5, sentiment_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
     recipes = {}
     for name, task, write, data, _, _ in TASKS:
@@ -45,6 +48,9 @@ def task_runs(tiny_bert, sentiment_data, tmp_path_factory):
             raw["data"] = {**raw["data"], **data, "train": str(write(root / name, 400, 1))}
             if name == "qa":
                 raw["data"]["train"] = {"path": raw["data"]["train"], "format": "squad"}
+            if name == "seq2seq":  # T5 names its projections q, k, v, o, wi, wo
+                raw["model"] = {"path": str(tiny_t5)}
+                raw["adapter"] = {"method": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
             raw["sharding"] = {"zero_stage": stage}
             recipes[f"{name}-zero{stage}"] = raw
     return train_in_one_group(recipes, root)

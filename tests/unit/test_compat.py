@@ -15,7 +15,7 @@ from shardtune.recipe import validate_recipe
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = {"bert": "/nowhere/bert", "llama": "/nowhere/llama", "classification": "/nowhere/c.jsonl",
         "tagging": "/nowhere/t.jsonl", "qa": "/nowhere/q.json", "causal_lm": "/nowhere/l.jsonl",
-        "prompt": "/nowhere/c.jsonl"}
+        "prompt": "/nowhere/c.jsonl", "t5": "/nowhere/t5", "seq2seq": "/nowhere/s.jsonl"}
 CELLS = [(m, q, z, f) for m in compat.METHODS for q in compat.QUANTIZATION.values()
          for z in compat.ZERO_STAGES for f in compat.FAMILIES]
 REFUSED = [c for c in CELLS if compat.refusal(*c) is not None]
@@ -32,7 +32,7 @@ def test_the_docs_table_is_generated_from_the_rules():
 
 
 def test_the_matrix_has_both_kinds_of_cell():
-    assert len(CELLS) == 7 * 3 * 4 * 5 and len(ALLOWED) == 262 and len(REFUSED) == 158
+    assert len(CELLS) == 7 * 3 * 4 * 6 and len(ALLOWED) == 321 and len(REFUSED) == 183
 
 
 @pytest.mark.parametrize("cell", REFUSED, ids=["/".join(map(str, c)) for c in REFUSED])

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from shardtune.adapters.registry import AdapterFamily, RecipeRule, Rule, register_adapter
 from shardtune.schema import Section
+from shardtune.tasks.registry import task_kind
 
 
 class FrozenBackbone(Section):
@@ -33,7 +34,7 @@ NO_SOFT_TOKENS = RecipeRule(
     "frozen without soft tokens",
     "adapter.method frozen trains only the templates' {soft} tokens, and no template has one: nothing would train. "
     "Add soft tokens (e.g. '{soft:4} {text} {mask}'), or choose an adapter (lora, prompt_tuning, ...)",
-    lambda recipe: recipe.task.type == "prompt_classification" and not recipe.task.has_soft_tokens())
+    lambda recipe: task_kind(recipe.task.type).family == "prompt" and not recipe.task.has_soft_tokens())
 
 register_adapter(AdapterFamily(method="frozen", section=FrozenBackbone, apply=apply, trains_weights=False,
                                summary="nothing but a prompt template's {soft} tokens trains",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardtune.errors import DataError
-from shardtune.recipe import DataSource
+from shardtune.data.schema import DataSource
 from shardtune.sources import resolve_local
 
 

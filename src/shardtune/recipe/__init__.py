@@ -18,7 +18,8 @@ from shardtune import compat
 from shardtune.errors import RecipeError
 from shardtune.recipe.messages import _did_you_mean, _explain
 from shardtune.recipe.sections import *  # noqa: F403  (the schema, re-exported: shardtune.recipe.X)
-from shardtune.recipe.sections import (DATA_FORMATS, TASK_FORMATS, TASK_ROLES, Recipe)
+from shardtune.recipe.sections import DATA_FORMATS, Recipe
+from shardtune.tasks.registry import Can, formats_for, task_kind, task_kinds
 from shardtune.sources import resolve_local
 
 
@@ -176,17 +177,17 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
                         "remove them for int8")
     if q.mode != "none" and "float16" in (q.compute_dtype, recipe.model.dtype) and cl.gpus_per_worker == 0:
         problems.append("float16 (model.dtype or quantization.compute_dtype) needs GPUs; use float32 or bfloat16 on CPU")
-    if recipe.model.gguf_file and recipe.task.type not in ("causal_lm", "prompt_classification"):
-        problems.append("model.gguf_file: GGUF files hold causal language models; use task.type: causal_lm "
-                        "(or prompt_classification) or a transformers model directory")
-    if (recipe.model.gguf_file and recipe.task.type == "prompt_classification"
-            and recipe.task.family not in ("auto", "causal_lm")):
-        problems.append(f"task.family {recipe.task.family}: GGUF files hold causal language models; "
-                        "use family: causal_lm (or auto)")
+    kind = task_kind(recipe.task.type)
+    if recipe.model.gguf_file and not kind.causal_backbone:
+        causal = [k.type for k in task_kinds() if k.causal_backbone]
+        problems.append(f"model.gguf_file: GGUF files hold causal language models; use task.type: "
+                        f"{' or '.join(causal)}, or a transformers model directory")
+    problems += [message for rule in kind.rules if (message := rule.message(recipe))]
     if recipe.data.augment is not None:
-        if recipe.task.type == "causal_lm":
-            problems.append("data.augment: augmentation is for classification, regression, tagging and QA; "
-                            "remove it for causal_lm")
+        if not kind.can(Can.AUGMENT):
+            augmenting = [k.type for k in task_kinds() if k.can(Can.AUGMENT)]
+            problems.append(f"data.augment: augmentation is for {', '.join(augmenting)}; "
+                            f"remove it for {recipe.task.type}")
         elif recipe.data.augment.synonym_replace and check_files:
             from shardtune.data.augment import wordnet_missing
 
@@ -195,14 +196,11 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if tr.warmup_steps is not None and tr.max_steps is not None and tr.warmup_steps >= tr.max_steps:
         problems.append(f"train.warmup_steps ({tr.warmup_steps}) must be below train.max_steps ({tr.max_steps})")
 
-    if recipe.data.few_shot_per_class and recipe.task.type not in ("sequence_classification", "prompt_classification"):
-        problems.append("data.few_shot_per_class draws rows per label: it applies to sequence_classification and "
-                        "prompt_classification; remove it")
-    task_roles = set(TASK_ROLES[recipe.task.type])
-    if recipe.task.type == "prompt_classification":
-        from shardtune.prompting.template import fields, parse
-
-        task_roles |= {f for t in recipe.task.templates for f in fields(parse(t))}
+    if recipe.data.few_shot_per_class and not kind.can(Can.CLASS_LABELS):
+        labelled = [k.type for k in task_kinds() if k.can(Can.CLASS_LABELS)]
+        problems.append(f"data.few_shot_per_class draws rows per label: it applies to {' and '.join(labelled)}; "
+                        "remove it")
+    task_roles = kind.roles_of(recipe.task)
     for role in recipe.data.columns:
         if role not in task_roles:
             problems.append(f"data.columns.{role}: not a column role of task {recipe.task.type}"
@@ -212,9 +210,9 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if recipe.data.validation is not None:
         sources.append(("data.validation", recipe.data.validation))
     for name, src in sources:
-        fmt = src.resolved_format
-        if fmt in TASK_FORMATS and recipe.task.type not in TASK_FORMATS[fmt]:
-            problems.append(f"{name}.format: {fmt} files hold data for {' or '.join(sorted(TASK_FORMATS[fmt]))}, "
+        fmt, readers = src.resolved_format, formats_for()
+        if fmt in readers and recipe.task.type not in readers[fmt]:
+            problems.append(f"{name}.format: {fmt} files hold data for {' or '.join(sorted(readers[fmt]))}, "
                             f"not task.type {recipe.task.type}")
         if not fmt:
             problems.append(f"{name}.format: cannot tell the format of '{src.path}' from its suffix; "

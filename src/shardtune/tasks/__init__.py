@@ -1,31 +1,36 @@
-"""Tasks: each owns its head, preprocessing, collation, metrics and prediction format.
+"""Tasks: each owns its recipe section, column roles, formats, rules, capabilities, head,
+preprocessing, collation, metrics and prediction format, and registers itself
+(registry.py) as the adapter families do.
 
-Adding a task touches this folder and recipes/ only: write a module with a class that
-satisfies `Task` (base.py) and register it in TASKS.
+Adding a task is a module here (its section, a class satisfying base.Task and a
+`register_task` call at its end) and recipes, nothing else: every module of this folder is
+imported below, and the recipe's task union, the validator's rules, the compatibility
+table and the CLI follow from the registry. No torch at import time: the recipe imports
+this package to build its task union.
 """
 
 from __future__ import annotations
 
-from shardtune.tasks.base import Example, Task
-from shardtune.tasks.causal_lm import CausalLM
-from shardtune.tasks.prompt_classification import PromptClassification
-from shardtune.tasks.question_answering import QuestionAnswering
-from shardtune.tasks.sequence_classification import SequenceClassification
-from shardtune.tasks.sequence_regression import SequenceRegression
-from shardtune.tasks.token_classification import TokenClassification
+import importlib
+import pkgutil
 
-TASKS: dict[str, type] = {
-    "sequence_classification": SequenceClassification,
-    "sequence_regression": SequenceRegression,
-    "token_classification": TokenClassification,
-    "question_answering": QuestionAnswering,
-    "causal_lm": CausalLM,
-    "prompt_classification": PromptClassification,
-}
+# Each module registers its task on import. The built-in order is the docs' and the
+# matrix's; modules added later follow in name order.
+from shardtune.tasks import (sequence_classification, sequence_regression, token_classification,  # noqa: F401
+                             question_answering, causal_lm, prompt_classification)
+from shardtune.tasks.base import Example, Task
+from shardtune.tasks.registry import Can, TaskKind, task_kind, task_kinds
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def get_task(recipe) -> Task:
-    return TASKS[recipe.task.type](recipe)
+    return task_kind(recipe.task.type).task(recipe)
 
 
-__all__ = ["Example", "Task", "TASKS", "get_task"]
+def kind_of(recipe) -> TaskKind:
+    return task_kind(recipe.task.type)
+
+
+__all__ = ["Can", "Example", "Task", "TaskKind", "get_task", "kind_of", "task_kind", "task_kinds"]

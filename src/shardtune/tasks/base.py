@@ -1,14 +1,19 @@
-"""The interface every task implements. Structural (a Protocol), not a base class."""
+"""The interface every task implements (`Task`), and the capabilities a task may add, each
+a typed protocol that its registration declares (registry.Can). Structural (Protocols),
+not base classes; no torch at import time (the recipe imports the task modules)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from shardtune.data import Row
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -66,12 +71,19 @@ def label_head_config(labels: list[str]) -> dict:
             "label2id": {label: i for i, label in enumerate(labels)}}
 
 
+def no_grad(method):
+    """torch.no_grad() as a decorator that imports torch when called, not when defined."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return method(*args, **kwargs)
+    return wrapper
+
+
 class Task(Protocol):
-    """What every task has. Optional hooks, looked up with hasattr where they are used:
-    row_label(row) (few-shot draws; classification tasks), check(tokenizer) (rules that need
-    the tokenizer, run in preflight), fit_verbalizer(...) (before the adapter is applied),
-    wrap(model, tokenizer, saved=None) (a module around the adapted model: prompt tasks),
-    before_forward(model, tokenizer, device) (once before each evaluation pass)."""
+    """What every task has."""
 
     #: peft TaskType name: decides which wrapper peft puts around the backbone
     peft_task_type: str
@@ -90,22 +102,83 @@ class Task(Protocol):
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """Module names that train in full and are saved with an adapter."""
 
+    #: batch keys that hold targets: dropped before an evaluation forward
+    target_keys: tuple[str, ...]
+
     def encode(self, rows: list[Row], tokenizer, *, with_targets: bool = True) -> list[Example]:
         """Validate and tokenise rows; raise DataError naming the row on bad input."""
-
-    def augment(self, row: Row, augmenter) -> Row:
-        """A label-preserving variant of a training row (data.augment); optional."""
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         """A padded batch the model's forward accepts (with `labels` when targets exist)."""
 
-    def metrics(self, outputs: np.ndarray, examples: list[Example]) -> dict[str, float]:
+    def outputs(self, model_output, batch: dict) -> list:
+        """One output per example of an evaluation forward (what metrics and predictions read)."""
+
+    def metrics(self, outputs: list, examples: list[Example]) -> dict[str, float]:
         """Validation loss and task metrics from the gathered outputs (one row per example)."""
 
-    def predictions(self, outputs: np.ndarray, examples: list[Example], rows: list[Row]) -> list[dict]:
+    def predictions(self, outputs: list, examples: list[Example], rows: list[Row]) -> list[dict]:
         """One JSON-serialisable record per input row."""
 
     def state(self) -> dict:
         """What must be saved with a run to rebuild the task (label names, ...)."""
 
     def load_state(self, state: dict) -> None: ...
+
+
+# ---------------------------------------------------------------- the capabilities
+class ChecksTokenizer(Protocol):
+    def check(self, tokenizer) -> None:
+        """Rules that need the tokenizer (label words, the slot token); RecipeError naming the field."""
+
+
+class FitsOnModel(Protocol):
+    def fit_verbalizer(self, model, tokenizer, examples: list[Example], device, rank: int = 0, world: int = 1,
+                       log=print) -> None:
+        """Fit what the task needs from the untrained model, before the adapter is applied."""
+
+
+class WrapsModel(Protocol):
+    def wrap(self, model: torch.nn.Module, tokenizer, saved: str | None = None) -> torch.nn.Module:
+        """A module around the adapted model (its forward is what trains); `saved`: a run's folder."""
+
+
+class PreparesForward(Protocol):
+    def before_forward(self, model, tokenizer, device) -> None:
+        """Once before each evaluation pass (e.g. a content-free calibration input)."""
+
+
+class Generates(Protocol):
+    def prompt_row(self, text: str, where: str) -> Row:
+        """A user's prompt (`shardtune generate --prompt`) as the row a data file would hold."""
+
+    def generate(self, model, tokenizer, rows: list[Row], *, batch_size: int = 8,
+                 max_new_tokens: int | None = None) -> list[dict]:
+        """One record per row with the generated text as `prediction`."""
+
+
+class GeneratesAtEval(Protocol):
+    def eval_outputs(self, model, batch: dict, tokenizer) -> list:
+        """The per-example outputs of an evaluation batch, targets included in `batch`: replaces
+        the plain forward when evaluation generates."""
+
+
+class HasClassLabels(Protocol):
+    def row_label(self, row: Row) -> str:
+        """A row's class label (few-shot draws group rows by it)."""
+
+
+class Augments(Protocol):
+    def augment(self, row: Row, augmenter) -> Row:
+        """A label-preserving variant of a training row (data.augment)."""
+
+
+class ZeroShot(Protocol):
+    def check(self, tokenizer) -> None: ...
+
+    def wrap(self, model: torch.nn.Module, tokenizer, saved: str | None = None) -> torch.nn.Module: ...
+
+
+def protocol_methods(protocol: type) -> list[str]:
+    """The methods a capability protocol asks for."""
+    return [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]

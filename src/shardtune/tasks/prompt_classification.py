@@ -15,24 +15,103 @@ column) and `label`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+from pydantic import Field, field_validator, model_validator
 
 from shardtune.data import Row
 from shardtune.errors import DataError, RecipeError
 from shardtune.metrics import classification_metrics
 from shardtune.prompting import family_of_config
 from shardtune.prompting import template as tpl
-from shardtune.prompting import verbalizer as vb
-from shardtune.prompting.model import PromptModel, load_soft_tokens
-from shardtune.tasks.base import Example, class_labels, read_label
+from shardtune.schema import Section, TaskBase
+from shardtune.tasks.base import Example, class_labels, no_grad, read_label
+from shardtune.tasks.registry import Can, TaskKind, TaskRule, register_task
 
-MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
-                 "seq2seq": AutoModelForSeq2SeqLM}
+if TYPE_CHECKING:
+    import torch
+
+    from shardtune.prompting.model import PromptModel
+
+MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+                 "seq2seq": "AutoModelForSeq2SeqLM"}  # transformers' auto classes, imported when a model is built
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "masked_lm": "FEATURE_EXTRACTION", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
+# ------------------------------------------------------------------- recipe section
+class AutoVerbalizerSection(Section):
+    words_per_label: int = Field(3, ge=1, le=50, description="label words chosen per label")
+    candidates: int = Field(1000, ge=2, description="how many of the most probable whole-word tokens are considered")
+    max_examples: int = Field(512, ge=2, description="training examples whose slot distributions are read")
+
+
+class PromptClassificationSection(TaskBase):
+    type: Literal["prompt_classification"]
+    templates: list[str] = Field(
+        min_length=1, description="prompt templates: words, {field} (a column), {mask} (the label slot), {soft}, "
+                                  "{soft:N}, {soft:words}; several are trained together and combined")
+    verbalizer: dict[str, list[str] | str] | Literal["auto"] = Field(
+        description="label -> label word(s), or auto: words found from the model's output distribution")
+    labels: list[str] | None = Field(None, description="label names in order; default: the verbalizer's labels")
+    family: Literal["auto", "causal_lm", "masked_lm", "seq2seq"] = Field(
+        "auto", description="how the LM predicts the label word: the next token (causal_lm), the [MASK] position "
+                            "(masked_lm), the decoder's first token (seq2seq); auto: from the model's config")
+    template_weights: list[float] | Literal["uniform", "learned"] = Field(
+        "uniform", description="how templates' label probabilities are averaged: uniform, these weights, or "
+                               "learned on the validation split")
+    share_soft_tokens: bool = Field(False, description="templates share one table of soft tokens (else each its own)")
+    calibrate: bool = Field(False, description="divide label probabilities by those of a content-free input (N/A)")
+    chat: bool = Field(False, description="causal LMs: the prompt is the user's message in the tokenizer's chat "
+                                          "template, the label word the assistant's first word")
+    auto_verbalizer: AutoVerbalizerSection = Field(default_factory=AutoVerbalizerSection)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_parse(cls, value):
+        from shardtune.prompting.template import parse
+
+        for i, template in enumerate(value):
+            try:
+                parse(template)
+            except ValueError as exc:
+                raise ValueError(f"template {i} '{template}': {exc}") from None
+        return value
+
+    @field_validator("verbalizer")
+    @classmethod
+    def _words(cls, value):
+        if isinstance(value, dict):
+            if len(value) < 2:
+                raise ValueError("needs label words for at least two labels")
+            empty = [label for label, words in value.items() if not words or (isinstance(words, list) and not all(
+                isinstance(w, str) and w.strip() for w in words))]
+            if empty:
+                raise ValueError(f"label(s) {empty} have no (or empty) label words")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if isinstance(self.verbalizer, dict) and self.labels is not None:
+            missing = [label for label in self.labels if label not in self.verbalizer]
+            if missing:
+                raise ValueError(f"verbalizer has no label words for label(s) {missing}; add them, e.g. "
+                                 f"{missing[0]}: [word]")
+        if isinstance(self.template_weights, list):
+            if len(self.template_weights) != len(self.templates):
+                raise ValueError(f"template_weights has {len(self.template_weights)} weights for "
+                                 f"{len(self.templates)} templates")
+            if any(w < 0 for w in self.template_weights) or sum(self.template_weights) <= 0:
+                raise ValueError("template_weights must be non-negative and not all zero")
+        return self
+
+    def has_soft_tokens(self) -> bool:
+        from shardtune.prompting.template import parse
+
+        return any(piece.kind == "soft" for t in self.templates for piece in parse(t))
+
+
+# ----------------------------------------------------------------------------- task
 class PromptClassification:
     target_keys = ("labels",)
 
@@ -59,6 +138,8 @@ class PromptClassification:
     # ----------------------------------------------------------------- labels & model
     def check(self, tokenizer) -> None:
         """What needs the tokenizer: the slot token, label words, soft-token initial words."""
+        from shardtune.prompting import verbalizer as vb
+
         problems = []
         if self.family == "causal_lm":
             for i, pieces in enumerate(self.templates):
@@ -91,7 +172,7 @@ class PromptClassification:
         self.labels = class_labels(train_rows, self.row_label, self.label_col)
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
-        model, info = MODEL_CLASSES[self.family].from_pretrained(model_path, output_loading_info=True, **load_kwargs)
+        model, info = self._model_class().from_pretrained(model_path, output_loading_info=True, **load_kwargs)
         if info["missing_keys"]:
             # A prompt reads the LM's own output layer; one initialised at random scores nothing.
             raise RecipeError(f"model.path {self.recipe.model.path} has no pretrained {self.family} head "
@@ -100,7 +181,12 @@ class PromptClassification:
         return model
 
     def build_model_from_config(self, config) -> torch.nn.Module:
-        return MODEL_CLASSES[self.family].from_config(config)
+        return self._model_class().from_config(config)
+
+    def _model_class(self):
+        import transformers
+
+        return getattr(transformers, MODEL_CLASSES[self.family])
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         return []  # the LM's own output layer scores the label words: no new head
@@ -113,6 +199,9 @@ class PromptClassification:
     def wrap(self, model: torch.nn.Module, tokenizer, saved: str | None = None) -> PromptModel:
         """The trainable prompt model around the (adapted) LM; `saved`: a run's folder holding
         trained soft tokens."""
+        from shardtune.prompting import verbalizer as vb
+        from shardtune.prompting.model import PromptModel, load_soft_tokens
+
         soft = load_soft_tokens(saved) if saved else None
         if soft is None and self.soft_token_count(tokenizer):
             soft = self._initial_soft_tokens(model, tokenizer)
@@ -125,6 +214,8 @@ class PromptClassification:
     def _initial_soft_tokens(self, model, tokenizer) -> torch.Tensor:
         """From the given words' embeddings, else from randomly drawn vocabulary embeddings
         (better than random vectors: Lester et al. 2021). Seeded: every rank agrees."""
+        import torch
+
         embeddings = model.get_input_embeddings().weight.detach().float()
         generator = torch.Generator().manual_seed(self.recipe.train.seed)
         table = embeddings[torch.randint(0, len(tokenizer), (self.soft_token_count(tokenizer),),
@@ -197,6 +288,8 @@ class PromptClassification:
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         """One row per (example, template), example-major. Causal LMs are padded on the left
         so that the slot is every row's last position."""
+        import torch
+
         sequences = [(t, ids, soft, slot, dec) for e in examples for t, (ids, soft, slot, dec) in enumerate(zip(
             e.features["input_ids"], e.features["soft_index"], e.features["slot"], e.features["decoder_input_ids"]))]
         longest = max(len(s[1]) for s in sequences)
@@ -221,11 +314,15 @@ class PromptClassification:
         return read_label(row, self.label_col)
 
     # ------------------------------------------------ steps that need the model itself
-    @torch.no_grad()
+    @no_grad
     def fit_verbalizer(self, model, tokenizer, examples: list[Example], device, rank: int = 0, world: int = 1,
                        log=print) -> None:
         """task.verbalizer: auto. Label words from the untrained model's slot distribution on
         the training examples (each rank scores its share; the sums are all-reduced)."""
+        import torch
+
+        from shardtune.prompting import verbalizer as vb
+
         if self.verbalizer is not None:
             return
         options = self.options.auto_verbalizer
@@ -261,7 +358,7 @@ class PromptClassification:
         log("automatic verbalizer: " + "; ".join(f"{label}: {', '.join(words)}" for label, words in
                                                  self.verbalizer.items()))
 
-    @torch.no_grad()
+    @no_grad
     def before_forward(self, model, tokenizer, device) -> None:
         """task.calibrate: the label probabilities of a content-free input (every field N/A)."""
         if not self.options.calibrate:
@@ -280,6 +377,8 @@ class PromptClassification:
         """Calibrated, combined label log-probabilities; learns the template weights first when
         asked (template_weights: learned) and targets are given. Also returns the per-template
         (calibrated) log-probabilities."""
+        from shardtune.prompting import verbalizer as vb
+
         lp = np.stack(outputs).astype(np.float64)
         if self.content_free is not None:
             lp = vb.calibrate(lp, self.content_free.astype(np.float64))
@@ -319,3 +418,23 @@ class PromptClassification:
         self.verbalizer = state["verbalizer"]
         if state.get("template_weights") is not None:
             self.weights = np.array(state["template_weights"])
+
+
+def _template_fields(section) -> set[str]:
+    return {f for t in section.templates for f in tpl.fields(tpl.parse(t))}
+
+
+def _gguf_family(recipe) -> str | None:
+    if recipe.model.gguf_file and recipe.task.family not in ("auto", "causal_lm"):
+        return (f"task.family {recipe.task.family}: GGUF files hold causal language models; "
+                "use family: causal_lm (or auto)")
+    return None
+
+
+register_task(TaskKind(
+    "prompt_classification", PromptClassificationSection, PromptClassification,
+    "classification by prompting the LM's own head: templates, verbalizers, soft prompts, zero- and few-shot",
+    family="prompt", roles=frozenset({"label"}), formats=frozenset({"textdir"}), extra_roles=_template_fields,
+    capabilities=frozenset({Can.CHECK_TOKENIZER, Can.FIT_ON_MODEL, Can.WRAP_MODEL, Can.PREPARE_FORWARD,
+                            Can.CLASS_LABELS, Can.ZERO_SHOT}),
+    causal_backbone=True, rules=(TaskRule("gguf family", _gguf_family),)))

@@ -12,18 +12,38 @@ Metrics: exact match and F1 by the official SQuAD definitions.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import numpy as np
-import torch
-from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
+from pydantic import Field
 
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import best_no_answer_threshold, cross_entropy, squad_scores
+from shardtune.schema import TaskBase
 from shardtune.tasks.base import Example, readable
+from shardtune.tasks.registry import Can, TaskKind, register_task
+
+if TYPE_CHECKING:
+    import torch
+
 
 TOP_K = 20  # start/end candidates considered per window
 
 
+# ------------------------------------------------------------------- recipe section
+class QuestionAnsweringSection(TaskBase):
+    type: Literal["question_answering"]
+    doc_stride: int = Field(32, ge=1, description="tokens shared by consecutive windows of a long context")
+    max_answer_tokens: int = Field(30, ge=1, description="longest answer span considered, in tokens")
+    allow_no_answer: bool | None = Field(
+        None, description="SQuAD 2.0: questions may be unanswerable; default: if the training data has any")
+    no_answer_threshold: float = Field(
+        0.0, description="answer no-answer when its score beats the best span by more than this; "
+                         "evaluation reports the best threshold on the validation split")
+
+
+# ----------------------------------------------------------------------------- task
 class QuestionAnswering:
     peft_task_type = "QUESTION_ANS"
     target_keys = ("start_positions", "end_positions")
@@ -40,9 +60,13 @@ class QuestionAnswering:
             self.allow_no_answer = any(not answers for answers in readable(train_rows, self._answers))
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
+        from transformers import AutoModelForQuestionAnswering
+
         return AutoModelForQuestionAnswering.from_pretrained(model_path, **load_kwargs)
 
     def build_model_from_config(self, config) -> torch.nn.Module:
+        from transformers import AutoModelForQuestionAnswering
+
         return AutoModelForQuestionAnswering.from_config(config)
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
@@ -105,6 +129,9 @@ class QuestionAnswering:
         return Row(values, row.where)
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
+        import torch
+        from transformers import DataCollatorWithPadding
+
         batch = dict(DataCollatorWithPadding(tokenizer, return_tensors="pt")([e.features for e in examples]))
         if examples and examples[0].target is not None:
             batch["start_positions"] = torch.tensor([e.target[0] for e in examples])
@@ -113,6 +140,8 @@ class QuestionAnswering:
 
     # ---------------------------------------------------------------------- results
     def outputs(self, model_output, batch) -> list[np.ndarray]:
+        import torch
+
         logits = torch.stack([model_output.start_logits, model_output.end_logits], dim=-1).float().cpu().numpy()
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         return [logits[i, :n] for i, n in enumerate(lengths)]
@@ -202,3 +231,10 @@ class QuestionAnswering:
                 raise DataError(f"{row.where}: answer {answer['text']!r} is not in its context at character "
                                 f"{start} (found {context[start:start + len(answer['text'])]!r})")
         return answers
+
+
+register_task(TaskKind(
+    "question_answering", QuestionAnsweringSection, QuestionAnswering,
+    "extractive QA (SQuAD 1.1/2.0): start/end logits over windows of the context, exact match and F1",
+    family="qa", roles=frozenset({"id", "question", "context", "answers"}), formats=frozenset({"squad"}),
+    capabilities=frozenset({Can.AUGMENT})))

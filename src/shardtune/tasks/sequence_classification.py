@@ -8,15 +8,21 @@ Columns (data.columns maps these roles to the file's columns):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import numpy as np
-import torch
-from transformers import AutoModelForSequenceClassification
+from pydantic import Field, field_validator
 
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import classification_metrics, softmax
+from shardtune.schema import TaskBase
 from shardtune.tasks.base import Example, class_labels, label_head_config, read_label
+from shardtune.tasks.registry import Can, TaskKind, register_task
 from shardtune.tasks.text_inputs import TextInputs
+
+if TYPE_CHECKING:
+    import torch
 
 
 def encoder_head_modules(model: torch.nn.Module, train_pooler: bool) -> list[str]:
@@ -31,6 +37,27 @@ def encoder_head_modules(model: torch.nn.Module, train_pooler: bool) -> list[str
     return names
 
 
+# ------------------------------------------------------------------- recipe section
+class SequenceClassificationSection(TaskBase):
+    type: Literal["sequence_classification"] = "sequence_classification"
+    labels: list[str] | None = Field(
+        None, description="label names in order; default: the sorted distinct labels of the training data")
+    train_pooler: bool = Field(
+        True, description="train the encoder's pooler with the head (BERT-style models); "
+                          "sentence encoders ship an untrained pooler")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, value):
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("needs at least two labels")
+            if len(set(value)) != len(value):
+                raise ValueError("labels must be distinct")
+        return value
+
+
+# ----------------------------------------------------------------------------- task
 class SequenceClassification:
     peft_task_type = "SEQ_CLS"
     target_keys = ("labels",)
@@ -48,9 +75,13 @@ class SequenceClassification:
         self.labels = class_labels(train_rows, self.row_label, self.label_col)
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
         return AutoModelForSequenceClassification.from_pretrained(model_path, **self._head_config(), **load_kwargs)
 
     def build_model_from_config(self, config) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
         for key, value in self._head_config().items():
             setattr(config, key, value)
         return AutoModelForSequenceClassification.from_config(config)
@@ -77,6 +108,8 @@ class SequenceClassification:
                 for i, f in enumerate(features)]
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
+        import torch
+
         return self.inputs.collate(examples, tokenizer, torch.long)
 
     def augment(self, row: Row, augmenter) -> Row:
@@ -109,3 +142,9 @@ class SequenceClassification:
     def row_label(self, row: Row) -> str:
         return read_label(row, self.label_col)
 
+
+register_task(TaskKind(
+    "sequence_classification", SequenceClassificationSection, SequenceClassification,
+    "single-text or text-pair classification with a linear head on the encoder (SST-2, CoLA, MRPC, NLI)",
+    family="classification", roles=frozenset({"text", "text_b", "label"}), formats=frozenset({"textdir"}),
+    capabilities=frozenset({Can.CLASS_LABELS, Can.AUGMENT})))

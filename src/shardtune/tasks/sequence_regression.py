@@ -6,19 +6,31 @@ Columns: text, optional text_b, label (a number).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from transformers import AutoModelForSequenceClassification
+from pydantic import Field
 
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import regression_metrics
+from shardtune.schema import TaskBase
 from shardtune.tasks.base import Example
+from shardtune.tasks.registry import Can, TaskKind, register_task
 from shardtune.tasks.sequence_classification import encoder_head_modules
 from shardtune.tasks.text_inputs import TextInputs
 
+if TYPE_CHECKING:
+    import torch
 
+
+# ------------------------------------------------------------------- recipe section
+class SequenceRegressionSection(TaskBase):
+    type: Literal["sequence_regression"]
+    train_pooler: bool = Field(True, description="train the encoder's pooler with the head")
+
+
+# ----------------------------------------------------------------------------- task
 class SequenceRegression:
     peft_task_type = "SEQ_CLS"
     target_keys = ("labels",)
@@ -33,10 +45,14 @@ class SequenceRegression:
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
         # problem_type=regression makes the HF head compute MSE on a single output.
+        from transformers import AutoModelForSequenceClassification
+
         return AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=1, problem_type="regression", **load_kwargs)
 
     def build_model_from_config(self, config) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
         config.num_labels, config.problem_type = 1, "regression"
         return AutoModelForSequenceClassification.from_config(config)
 
@@ -49,6 +65,8 @@ class SequenceRegression:
                 for i, (f, t) in enumerate(zip(self.inputs.encode(rows, tokenizer), targets))]
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
+        import torch
+
         return self.inputs.collate(examples, tokenizer, torch.float32)
 
     def augment(self, row: Row, augmenter) -> Row:
@@ -86,3 +104,9 @@ class SequenceRegression:
         if not math.isfinite(number):
             raise DataError(f"{row.where}: label {value!r} is not a finite number")
         return number
+
+
+register_task(TaskKind(
+    "sequence_regression", SequenceRegressionSection, SequenceRegression,
+    "text or text-pair regression: one output, mean-squared error (STS-B)",
+    family="classification", roles=frozenset({"text", "text_b", "label"}), capabilities=frozenset({Can.AUGMENT})))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from transformers import DataCollatorWithPadding
+from typing import TYPE_CHECKING
 
 from shardtune.data import Row
 from shardtune.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TextInputs:
@@ -27,6 +29,9 @@ class TextInputs:
     @staticmethod
     def collate(examples, tokenizer, target_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Pad to the longest example; targets (class ids or scores) become `labels`."""
+        import torch
+        from transformers import DataCollatorWithPadding
+
         batch = DataCollatorWithPadding(tokenizer, return_tensors="pt")([e.features for e in examples])
         if examples and examples[0].target is not None:
             batch["labels"] = torch.tensor([e.target for e in examples], dtype=target_dtype)

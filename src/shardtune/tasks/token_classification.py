@@ -8,18 +8,42 @@ Metrics: entity-level precision/recall/F1 (seqeval, CoNLL's definition) and word
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import numpy as np
-import torch
-from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
+from pydantic import Field, field_validator
 
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.metrics import tagging_metrics
+from shardtune.schema import TaskBase
 from shardtune.tasks.base import Example, label_head_config, readable
+from shardtune.tasks.registry import Can, TaskKind, register_task
+
+if TYPE_CHECKING:
+    import torch
+
 
 IGNORE = -100  # positions the loss skips (special tokens, non-first sub-tokens)
 
 
+# ------------------------------------------------------------------- recipe section
+class TokenClassificationSection(TaskBase):
+    type: Literal["token_classification"]
+    labels: list[str] | None = Field(
+        None, description="tag names; default: the training data's tags (O first, then sorted)")
+    label_all_subtokens: bool = Field(
+        False, description="label every sub-token of a word (default: the first only, others ignored)")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, value):
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("labels must be distinct")
+        return value
+
+
+# ----------------------------------------------------------------------------- task
 class TokenClassification:
     peft_task_type = "TOKEN_CLS"
     target_keys = ("labels",)
@@ -41,9 +65,13 @@ class TokenClassification:
             raise DataError(f"the training data has only the tag(s) {self.labels}; tagging needs two or more")
 
     def build_model(self, model_path: str, load_kwargs: dict) -> torch.nn.Module:
+        from transformers import AutoModelForTokenClassification
+
         return AutoModelForTokenClassification.from_pretrained(model_path, **self._head_config(), **load_kwargs)
 
     def build_model_from_config(self, config) -> torch.nn.Module:
+        from transformers import AutoModelForTokenClassification
+
         for key, value in self._head_config().items():
             setattr(config, key, value)
         return AutoModelForTokenClassification.from_config(config)
@@ -92,6 +120,8 @@ class TokenClassification:
         return Row({**row.values, self.tokens_col: new_words, self.tags_col: new_tags}, row.where)
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
+        from transformers import DataCollatorForTokenClassification
+
         features = [dict(e.features) for e in examples]
         if examples and examples[0].target is not None:
             for feature, example in zip(features, examples):
@@ -151,3 +181,10 @@ class TokenClassification:
         if len(tags) != len(words):
             raise DataError(f"{row.where}: {len(words)} words but {len(tags)} tags; tags must align one per word")
         return words, [str(t) for t in tags]
+
+
+register_task(TaskKind(
+    "token_classification", TokenClassificationSection, TokenClassification,
+    "a tag per word (NER, POS): a linear head on each first sub-token, seqeval's entity F1",
+    family="tagging", roles=frozenset({"tokens", "tags"}), formats=frozenset({"conll", "wordtag"}),
+    capabilities=frozenset({Can.AUGMENT})))
