@@ -43,7 +43,7 @@ def task_scores(run_dir: Path, recipe_path: Path, limit: int) -> dict:
 
     from shardtune import backbone
     from shardtune.data import read_rows, sample, split_train_validation
-    from shardtune.export import load_run
+    from shardtune.inference import load_run
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
 

@@ -8,7 +8,7 @@ split, tokenisation, global batch (micro batch x workers x accumulation), epochs
 learning rate, warm-up, schedule, weight decay and clipping. The Trainer shuffles with its
 own sampler, so the example order differs; that, and ZeRO's partitioned optimizer, are
 what the comparison is about. Validation runs once after training through
-`shardtune.export.forward_outputs` and the task's own metrics.
+`shardtune.inference.forward_outputs` and the task's own metrics.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def train_with_hf_trainer(recipe_path: str, overrides: list[str]) -> dict:
     from shardtune import backbone
     from shardtune.adapters import apply_adapter
     from shardtune.data.pipeline import load_data
-    from shardtune.export import forward_outputs
+    from shardtune.inference import forward_outputs
     from shardtune.recipe import load_recipe
     from shardtune.tasks import get_task
 

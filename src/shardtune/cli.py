@@ -142,7 +142,7 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
              max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
     """Generate responses from a tuned causal LM (for files of prompts use predict)."""
     from shardtune.errors import RunError
-    from shardtune.export import load_run
+    from shardtune.inference import load_run
 
     if not prompt:
         raise RunError("give at least one --prompt")
@@ -286,7 +286,7 @@ def _generates(run_dir: Path) -> bool:
 def _load(run_dir: Path, overrides: list[str]):
     """A finished run, or a prompt recipe's untrained model (zero-shot)."""
     from shardtune.errors import RecipeError
-    from shardtune.export import load_run, load_zero_shot
+    from shardtune.inference import load_run, load_zero_shot
     from shardtune.recipe import load_recipe
 
     if run_dir.is_file() and run_dir.suffix in (".yaml", ".yml"):
@@ -354,7 +354,7 @@ def _infer(run_dir: Path, data: Optional[Path], fmt: Optional[str], batch_size: 
            overrides: Optional[list[str]] = None):
     import torch
 
-    from shardtune.export import forward_outputs
+    from shardtune.inference import forward_outputs
 
     loaded, rows = _load_rows(run_dir, data, fmt, with_targets, overrides)
     examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)

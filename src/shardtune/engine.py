@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from shardtune import backbone, checkpoint, export, quantization, rundir
+from shardtune import backbone, checkpoint, export, inference, quantization, rundir
 from shardtune.adapters import apply_adapter, is_peft, optimizer_groups
 from shardtune.data.pipeline import (augmented_examples, epoch_micro_batches, eval_shard, load_data,
                                      optimizer_steps_per_epoch, rows_fingerprint)
@@ -289,7 +289,7 @@ def evaluate(w: Worker, epoch: float, **extra) -> dict:
     val = w.data.val_examples
     indices = eval_shard(len(val), w.world, w.rank)
     batch_size = w.recipe.train.eval_batch_size or 2 * w.recipe.train.micro_batch_size
-    outputs = export.forward_outputs(w.engine.module, w.task, w.tokenizer, [val[i] for i in indices],
+    outputs = inference.forward_outputs(w.engine.module, w.task, w.tokenizer, [val[i] for i in indices],
                                      batch_size, w.device)
     gathered = [None] * w.world
     dist.all_gather_object(gathered, (indices, outputs))

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.integration
 
 
 def _cells_for_ids():
-    names = list(matrix_cells({k: k for k in ("bert", "llama", "classification", "tagging", "qa", "causal_lm",
-                                              "prompt")},
-                              Path("/ids")))
+    from shardtune import compat
+
+    names = list(matrix_cells({k: k for k in ("bert", "llama", "t5", *compat.FAMILIES)}, Path("/ids")))
     quick = set(covering_cells(names))
     return [pytest.param(n, id=n, marks=() if n in quick else pytest.mark.slow) for n in names]
 

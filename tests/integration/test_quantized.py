@@ -133,7 +133,7 @@ def test_qlora_run_reloads_with_plain_peft_and_bitsandbytes(qlora_run, tiny_bert
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-    from shardtune.export import load_run
+    from shardtune.inference import load_run
     from shardtune.quantization import guard_cpu_4bit_gradients
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from helpers import make_tiny_recipe
 from shardtune.data.pipeline import load_data
-from shardtune.export import forward_outputs, load_run
+from shardtune.inference import forward_outputs, load_run
 from shardtune.orchestrate import run
 from shardtune.recipe import validate_recipe
 

@@ -13,7 +13,7 @@ import torch
 
 import tiny_models
 from shardtune.data import read_rows
-from shardtune.export import forward_outputs
+from shardtune.inference import forward_outputs
 from shardtune.recipe import validate_recipe
 from shardtune.tasks import Can, get_task, kind_of, task_kinds
 
