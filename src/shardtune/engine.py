@@ -32,9 +32,10 @@ import torch.distributed as dist
 from shardtune import backbone, checkpoint, export, inference, quantization, rundir
 from shardtune.adapters import apply_adapter, is_peft, optimizer_groups
 from shardtune.data.pipeline import (augmented_examples, epoch_micro_batches, eval_shard, load_data,
-                                     optimizer_steps_per_epoch, rows_fingerprint)
+                                     optimizer_steps_per_epoch)
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
+from shardtune.reports import Report
 from shardtune.sharding import deepspeed_config, prepare_deepspeed
 from shardtune.tasks import Can, get_task, kind_of
 
@@ -45,7 +46,7 @@ SCRATCH_PREFIX = "shardtune-rank"
 class Reporter(Protocol):
     """How the loop talks to whatever launched it. Every rank calls report() equally often."""
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+    def report(self, report: Report, checkpoint_dir: str | None) -> None: ...
 
     def latest_checkpoint(self, scratch: Path) -> str | None:
         """The checkpoint to resume from (or None); `scratch` is this worker's own folder, for
@@ -193,7 +194,7 @@ def resume(w: Worker, directory: str | None) -> None:
 def fit(w: Worker, reporter: Reporter) -> bool:
     """Train to the end (True), or until a stop was asked for and checkpointed (False)."""
     if w.recipe.train.eval_before_training and not w.history:
-        reporter.report(evaluate(w, 0), None)
+        reporter.report(Report.evaluation(evaluate(w, 0)), None)
     for epoch in range(w.start_epoch, w.epochs):
         loss_sum = train_epoch(w, reporter, epoch)
         if loss_sum is None:
@@ -203,7 +204,7 @@ def fit(w: Worker, reporter: Reporter) -> bool:
         metrics = evaluate(w, w.engine.global_steps / w.steps_per_epoch,
                            train_loss=float(loss_sum[0] / max(loss_sum[1], 1)))
         saved = save_checkpoint(w, f"checkpoint-{epoch + 1}", epoch + 1, 0, torch.zeros_like(loss_sum))
-        reporter.report(metrics, str(saved))
+        reporter.report(Report.evaluation(metrics), str(saved))
         shutil.rmtree(saved, ignore_errors=True)  # the reporter has its own copy now
         if w.engine.global_steps >= w.total_steps:
             break
@@ -251,7 +252,7 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
         if step % tr.log_every_steps == 0 or step == w.total_steps:
             log_step(w, epoch, step, loss.item())
         if tr.eval_every_steps and step % tr.eval_every_steps == 0 and step != w.total_steps:
-            reporter.report(evaluate(w, step / w.steps_per_epoch), None)
+            reporter.report(Report.evaluation(evaluate(w, step / w.steps_per_epoch)), None)
         if step >= w.total_steps:
             break
         if _stop_agreed(reporter, w.device):
@@ -260,9 +261,7 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
             saved = save_checkpoint(w, f"checkpoint-stop-{step}", epoch, n + 1, loss_sum)
             w.log(f"stop requested: saved a checkpoint at step {step}/{w.total_steps}; resume with "
                   "`shardtune run RECIPE --resume`")
-            # The last evaluation's metrics too: a checkpoint kept by keep_best_by is ranked by them.
-            reporter.report({**(w.history[-1] if w.history else {}), "stopped": True, "step": step,
-                             "total_steps": w.total_steps}, str(saved))
+            reporter.report(Report.stopped(w.history[-1] if w.history else {}, step, w.total_steps), str(saved))
             return None
     return loss_sum
 
@@ -320,7 +319,7 @@ def finish(w: Worker, reporter: Reporter) -> None:
     summary = {
         "trainable_parameters": w.trainable, "total_parameters": w.total,
         "train_examples": len(w.data.train_examples), "validation_examples": len(w.data.val_examples),
-        "validation_rows_sha256": rows_fingerprint(w.data.val_rows),
+        "validation_rows_sha256": w.data.val_rows_sha256,
         "skipped_rows": w.data.skipped, "steps": w.engine.global_steps, "epochs": w.epochs, "workers": w.world,
         "worker_seconds": round(time.perf_counter() - w.started, 2),
         "time_to_first_step_s": round(w.time_to_first_step or 0.0, 2),
@@ -333,7 +332,7 @@ def finish(w: Worker, reporter: Reporter) -> None:
         (out / rundir.HISTORY).write_text(json.dumps({"history": w.history, "summary": summary}, indent=2))
         w.log(f"done: {w.engine.global_steps} steps in {_duration(summary['worker_seconds'])}")
         w.log.close()  # flushes TensorBoard's events before the reporter copies logs/
-    reporter.report({**w.history[-1], "final": True, **summary}, str(out) if w.rank == 0 else None)
+    reporter.report(Report.final(w.history[-1], summary), str(out) if w.rank == 0 else None)
     dist.barrier()
 
 

@@ -25,11 +25,13 @@ from shardtune import raycluster, rundir
 from shardtune.engine import train_worker
 from shardtune.export import write_metrics
 from shardtune.errors import RecipeError, RunError, RunStopped, ShardtuneError
+from shardtune.reports import Kind, Report
 from shardtune.recipe import Recipe
 
 # Environment every worker needs: no hub access attempts when offline, quiet tokenizers.
 _WORKER_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
-                           "TORCH_EXTENSIONS_DIR", "PYTHONPATH")
+                           "TORCH_EXTENSIONS_DIR", "PYTHONPATH",
+                           "SHARDTUNE_CACHE")  # workers map the data cache the driver wrote
 
 
 @dataclass
@@ -67,15 +69,16 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
         recipe = _stage_job_inputs(recipe, staging)
         (staging / rundir.STOP_FILE).unlink(missing_ok=True)
         (staging / rundir.RECIPE).write_text(recipe.to_yaml())
-        metrics = _fit(recipe, staging, address, signalled)
-        if metrics.get("stopped"):
+        report = _fit(recipe, staging, address, signalled)
+        if report.kind is Kind.STOPPED:
             stopped = True
-            raise RunStopped(f"stopped at step {metrics['step']} of {metrics['total_steps']} on request; the "
-                             f"checkpoint is in {staging}; run the same command with --resume to continue")
-        _finish(staging, final_dir, recipe, metrics, started)
+            raise RunStopped(f"stopped at step {report.metrics['step']} of {report.metrics['total_steps']} on "
+                             f"request; the checkpoint is in {staging}; run the same command with --resume to "
+                             "continue")
+        _finish(staging, final_dir, recipe, report.metrics, started)
     except BaseException as exc:
         raise _after_failure(exc, staging, recipe, stopped, signalled) from None
-    return RunResult(final_dir, metrics, time.perf_counter() - started)
+    return RunResult(final_dir, report.metrics, time.perf_counter() - started)
 
 
 def _after_failure(exc: BaseException, staging: Path, recipe: Recipe, stopped: bool, signalled: list[int]):
@@ -230,7 +233,7 @@ def _stop_on_signals(stop_file: Path, signalled: list[int]):
             signal.signal(sig, handler)
 
 
-def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int] | None = None) -> dict:
+def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int] | None = None) -> Report:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -271,14 +274,15 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
         except KeyboardInterrupt:
             trainer.kill_controller()  # a second Ctrl-C: stop the workers now
             raise
-        if result.metrics and result.metrics.get("stopped"):
-            return result.metrics
-        if result.checkpoint is None or not result.metrics.get("final"):
+        report = Report.from_metrics(result.metrics)
+        if report is not None and report.kind is Kind.STOPPED:
+            return report
+        if result.checkpoint is None or report is None or report.kind is not Kind.FINAL:
             raise RunError("the workers finished without reporting the final checkpoint; see the log above")
         with result.checkpoint.as_directory() as checkpoint:
             for item in Path(checkpoint).iterdir():
                 shutil.move(str(item), staging / item.name)
-        return result.metrics
+        return report
     finally:
         if started_here:
             ray.shutdown()
@@ -364,11 +368,11 @@ class _RayReporter:
 
         return ray.util.get_node_ip_address()
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, report: Report, checkpoint_dir: str | None) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(report.to_metrics(), checkpoint=checkpoint)
 
     def latest_checkpoint(self, scratch: Path) -> str | None:
         """The last reported checkpoint, read in place when the run's storage is a local or

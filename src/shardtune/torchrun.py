@@ -19,6 +19,7 @@ import torch.distributed as dist
 from shardtune import checkpoint, rundir
 from shardtune.engine import train_worker
 from shardtune.errors import RecipeError, RunError
+from shardtune.reports import Kind, Report
 
 
 class LocalReporter:
@@ -50,8 +51,8 @@ class LocalReporter:
 
         return socket.gethostname()
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir and metrics.get("final"):
+    def report(self, report: Report, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir and report.kind is Kind.FINAL:
             shutil.copytree(checkpoint_dir, self.output_dir, dirs_exist_ok=True)
         elif checkpoint_dir:
             shutil.copytree(checkpoint_dir, self.output_dir / "checkpoint.next", dirs_exist_ok=True)

@@ -47,7 +47,7 @@ BAD = [
     ("missing data file", ("data", "train", "/no/such/train.jsonl"), ["data.train.path", "does not exist"]),
     ("missing model dir", ("model", "path", "./no-such-model"), ["model.path", "does not exist"]),
     ("missing package", ("model", "path", "package:no_such_pkg/model"), ["model.path", "no installed package 'no_such_pkg'"]),
-    ("unknown format", ("data", "train", {"path": "x.parquet"}), ["data.train.format", "cannot tell the format"]),
+    ("unknown format", ("data", "train", {"path": "x.feather"}), ["data.train.format", "cannot tell the format"]),
     ("headerless tsv without names", ("data", "train", {"path": "x.tsv", "header": False}),
      ["data.train.column_names", "no header row"]),
 ]

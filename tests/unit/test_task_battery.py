@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
+
+import numpy as np
 
 import pytest
 import torch
 
 import tiny_models
-from shardtune.data import read_rows
+from shardtune.data import cache, read_rows
 from shardtune.inference import forward_outputs
 from shardtune.recipe import validate_recipe
 from shardtune.tasks import Can, get_task, kind_of, task_kinds
@@ -44,7 +47,7 @@ def test_every_registered_task_has_a_case():
 
 
 @pytest.mark.parametrize("task_type", sorted(CASES))
-def test_battery(task_type, request, tmp_path):
+def test_battery(task_type, request, tmp_path, monkeypatch):
     model_fixture, section, source = CASES[task_type]
     model_path = request.getfixturevalue(model_fixture)
     recipe = validate_recipe({"model": {"path": str(model_path)}, "task": section,
@@ -71,8 +74,20 @@ def test_battery(task_type, request, tmp_path):
 
     outputs = forward_outputs(model, task, tokenizer, examples, 4, torch.device("cpu"))
     assert len(outputs) == len(examples)
+
+    # The examples survive the Arrow cache the workers read them from, and score the same.
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(tmp_path / "cache"))
+    cache.write("battery", {"train": examples}, {})
+    stored = cache.read("battery")[0]["train"]
+    assert [asdict(e) for e in stored] == json.loads(json.dumps([asdict(e) for e in examples]))
+    for ours, theirs in zip(forward_outputs(model, task, tokenizer, stored, 4, torch.device("cpu")), outputs):
+        if isinstance(ours, dict):
+            assert ours.keys() == theirs.keys() and ours.get("text") == theirs.get("text")
+        else:
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     metrics = task.metrics(outputs, examples)
     assert "loss" in metrics and all(math.isfinite(v) for v in metrics.values()), metrics
+    assert task.metrics(outputs, stored) == pytest.approx(metrics)  # targets and extras read back alike
     records = task.predictions(outputs, examples, rows)
     assert len(records) == len(rows) and json.dumps(records)
 

@@ -1,17 +1,20 @@
 """The data pipeline every rank and the driver share: read, split, sample, drop bad rows,
 tokenise, augment per epoch, and cut each rank's micro-batches and evaluation shard.
 
-Same result on every rank: every choice is seeded.
+Same result on every rank: every choice is seeded. The encoded examples are cached in
+Arrow (cache.py): the driver's preflight reads and tokenises once, and every worker maps
+the cache instead of holding the rows and examples itself.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from shardtune.data import cache
 from shardtune.data.readers import read_rows
 from shardtune.data.splits import few_shot, sample, split_train_validation
 from shardtune.errors import DataError
@@ -22,18 +25,41 @@ if TYPE_CHECKING:
 
 @dataclass
 class Data:
-    train_rows: list
-    val_rows: list
-    train_examples: list
-    val_examples: list
+    train_rows: list | None  # None when the examples came from the cache (nothing was read)
+    val_rows: list | None
+    train_examples: Sequence  # a list, or a memory-mapped cache.ExampleStore
+    val_examples: Sequence
     skipped: dict  # split -> bad rows left out (data.on_bad_row: skip)
     problems: list  # the first few of those rows' problems, for the log
+    val_rows_sha256: str = ""  # which rows the validation split holds (rows_fingerprint)
+    cached: bool = False  # the examples were mapped from the cache
 
 
 def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
-    """Read, split, sample and tokenise, and fix the task's labels from the training rows.
-    Same result on every rank (all seeded). encode=False: the rows only (zero-shot
-    inference tokenises just what it scores)."""
+    """The run's examples, with the task's labels fixed: from the cache when this data, task
+    and tokenizer were encoded before, else read, split, sampled, checked and tokenised
+    here (and cached). encode=False: the rows only (zero-shot inference and `eval RUN`
+    tokenise just what they score). Augmented runs re-encode their rows every epoch, so
+    they hold the rows and skip the cache."""
+    if not (encode and recipe.data.cache and recipe.data.augment is None):
+        return _read_and_encode(recipe, task, tokenizer, encode)
+    key = cache.data_key(recipe, tokenizer)
+    # One process per machine encodes a missing entry; the others wait, then map it (the
+    # 8 ranks of a node whose cache the driver could not write, e.g. on another machine).
+    with cache.writing(key):
+        if (found := cache.read(key)) is not None:
+            stores, meta = found
+            task.load_state(meta["task_state"])
+            return Data(None, None, stores["train"], stores["validation"], meta["skipped"], meta["problems"],
+                        meta["val_rows_sha256"], cached=True)
+        data = _read_and_encode(recipe, task, tokenizer, encode)
+        cache.write(key, {"train": data.train_examples, "validation": data.val_examples},
+                    {"task_state": task.state(), "skipped": data.skipped, "problems": data.problems,
+                     "val_rows_sha256": data.val_rows_sha256})
+    return data
+
+
+def _read_and_encode(recipe: Recipe, task, tokenizer, encode: bool) -> Data:
     skip = recipe.data.on_bad_row == "skip"
     bad_train: list[str] | None = [] if skip else None
     bad_val: list[str] | None = [] if skip else None
@@ -54,7 +80,8 @@ def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
                                  (recipe.data.validation or recipe.data.train).path)
     skipped = {"train": len(bad_train or []), "validation": len(bad_val or [])}
     examples = [task.encode(rows, tokenizer) if encode else [] for rows in (train_rows, val_rows)]
-    return Data(train_rows, val_rows, *examples, skipped, ((bad_train or []) + (bad_val or []))[:5])
+    return Data(train_rows, val_rows, *examples, skipped, ((bad_train or []) + (bad_val or []))[:5],
+                rows_fingerprint(val_rows))
 
 
 def rows_fingerprint(rows: list) -> str:

@@ -37,7 +37,7 @@ def read_rows(source: DataSource, bad: list[str] | None = None, max_chars: int |
     fmt = source.resolved_format
     readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_delimited,
                "tsv": _read_delimited, "textdir": _read_textdir, "conll": _read_conll,
-               "wordtag": _read_wordtag, "squad": _read_squad}
+               "wordtag": _read_wordtag, "squad": _read_squad, "parquet": _read_parquet}
     if fmt not in readers:
         raise DataError(f"'{source.path}': unknown format '{fmt}'; one of {sorted(readers)}")
     problems = _Problems(bad)
@@ -124,6 +124,21 @@ def _read_jsonl(path: Path, source: DataSource, problem: _Problems) -> list[Row]
             continue
         rows.append(Row(record, f"{path}:{number}"))
     return rows
+
+
+def _read_parquet(path: Path, source: DataSource, problem: _Problems):
+    """Parquet (what `datasets` and the hub store data sets in), streamed a batch at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow's own error names what is wrong with the file
+        raise DataError(f"'{path}': not a readable parquet file ({exc})") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=10_000):
+        for values in batch.to_pylist():
+            number += 1
+            yield Row(values, f"{path}#row {number}")
 
 
 def _read_json(path: Path, source: DataSource, problem: _Problems) -> list[Row]:

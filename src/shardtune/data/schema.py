@@ -12,14 +12,15 @@ from pydantic import Field, model_validator
 from shardtune.schema import Section
 
 
-DATA_FORMATS = ("jsonl", "json", "csv", "tsv", "textdir", "conll", "wordtag", "squad")
-_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+DATA_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "textdir", "conll", "wordtag", "squad")
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
 class DataSource(Section):
     path: str = Field(description="file (or folder, for textdir) path or package:NAME/PATH")
-    format: Literal["jsonl", "json", "csv", "tsv", "textdir", "conll", "wordtag", "squad"] | None = Field(
-        None, description="file format; default: from the file suffix. textdir: one sub-folder per label, "
+    format: Literal["jsonl", "json", "csv", "tsv", "parquet", "textdir", "conll", "wordtag", "squad"] | None = Field(
+        None, description="file format; default: from the file suffix. parquet: a column per field (as `datasets` "
+                          "and the hub store data sets); textdir: one sub-folder per label, "
                           "one text file per example; conll: token<TAB>...<TAB>tag lines, blank line between "
                           "sentences; wordtag: a sentence a line of word###TAG; squad: SQuAD 1.1/2.0 json")
     header: bool = Field(True, description="csv/tsv: the first row names the columns")
@@ -62,6 +63,8 @@ class DataSection(Section):
         None, ge=1, description="few-shot: train on a seeded draw of this many rows per label (classification)")
     augment: AugmentSection | None = Field(
         None, description="augment training examples on the fly (label-preserving for tagging and QA)")
+    cache: bool = Field(True, description="cache the encoded examples in Arrow (SHARDTUNE_CACHE/data): the "
+                        "driver tokenises once, workers memory-map it, a second run on the same data reuses it")
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="a row that does not fit the task: stop with its file and line (error), "
         "or leave it out and report the count (skip)")
