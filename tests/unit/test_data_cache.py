@@ -148,3 +148,13 @@ def test_processes_that_miss_together_encode_once(tiny_recipe, tmp_path):
     go.touch()
     results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in racers]
     assert sorted(results) == [False, True]
+
+
+def test_an_unwritable_cache_warns_and_encodes_anyway(tiny_recipe, tokenizer, tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(blocked))
+    _, data = _load(_recipe(tiny_recipe), tokenizer)
+    assert not data.cached and len(data.train_examples) > 0
+    warned = capsys.readouterr().err
+    assert "not caching the encoded data" in warned and "set SHARDTUNE_CACHE to a writable folder" in warned

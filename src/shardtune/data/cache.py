@@ -89,6 +89,19 @@ def _code_fingerprint() -> str:
 
 
 # ------------------------------------------------------------------- writing, reading
+def unwritable() -> str | None:
+    """Why the cache cannot be written here (the reason and the fix), or None."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"{root} is not writable ({exc.strerror}); set SHARDTUNE_CACHE to a writable folder"
+    return None
+
+
 @contextmanager
 def writing(key: str):
     """An exclusive lock on this key's entry across the processes of this machine (flock:

@@ -9,6 +9,7 @@ the cache instead of holding the rows and examples itself.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -42,6 +43,9 @@ def load_data(recipe: Recipe, task, tokenizer, *, encode: bool = True) -> Data:
     tokenise just what they score). Augmented runs re-encode their rows every epoch, so
     they hold the rows and skip the cache."""
     if not (encode and recipe.data.cache and recipe.data.augment is None):
+        return _read_and_encode(recipe, task, tokenizer, encode)
+    if (problem := cache.unwritable()) is not None:  # e.g. a read-only home on a cluster node
+        print(f"warning: not caching the encoded data: {problem}", file=sys.stderr)
         return _read_and_encode(recipe, task, tokenizer, encode)
     key = cache.data_key(recipe, tokenizer)
     # One process per machine encodes a missing entry; the others wait, then map it (the
