@@ -58,8 +58,9 @@ def _file_identity(path: str) -> list:
     if local is None or not local.exists():
         return [path]
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-    return [str(local.resolve())] + [[str(f.relative_to(local)) if f != local else "", f.stat().st_size,
-                                      f.stat().st_mtime_ns] for f in files]
+    stats = [(f, f.stat()) for f in files]  # one stat a file: a textdir may hold 100 k of them
+    return [str(local.resolve())] + [[str(f.relative_to(local)) if f != local else "", st.st_size, st.st_mtime_ns]
+                                     for f, st in stats]
 
 
 def _tokenizer_identity(tokenizer) -> str:

@@ -40,17 +40,28 @@ def readable(rows: list[Row], read) -> list:
     return values
 
 
-def read_label(row: Row, column: str) -> str:
+def read_label(row: Row, column: str, role: str = "label") -> str:
     """A row's class label as text (a float like 1.0 read as "1"); DataError naming the row."""
     from shardtune.errors import DataError
 
     value = row.get(column)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{row.where}: no label in column '{column}' (columns: {sorted(row.values)}); "
-                        "map it with data.columns.label")
+                        f"map it with data.columns.{role}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
+
+
+def mapped_text(row: Row, column: str, mapping: dict[str, str], option: str, role: str) -> str:
+    """The text a row's label stands for (task.response_map, task.target_map): labelled data
+    turned into text targets."""
+    from shardtune.errors import DataError
+
+    key = read_label(row, column, role)
+    if key not in mapping:
+        raise DataError(f"{row.where}: '{column}' value {row.get(column)!r} is not in task.{option} ({sorted(mapping)})")
+    return mapping[key]
 
 
 def class_labels(rows: list[Row], read, column: str) -> list[str]:

@@ -21,7 +21,7 @@ from pydantic import Field
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.schema import TaskBase
-from shardtune.tasks.base import Example, no_grad
+from shardtune.tasks.base import Example, mapped_text, no_grad
 from shardtune.tasks.registry import Can, TaskKind, register_task
 
 if TYPE_CHECKING:
@@ -247,15 +247,9 @@ class CausalLM:
         return f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
 
     def _response(self, row: Row) -> str:
-        mapping = self.options.response_map
-        if mapping is None:
+        if self.options.response_map is None:
             return self._field(row, "response")
-        value = row.get(self.cols["response"])
-        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
-        if key not in mapping:
-            raise DataError(f"{row.where}: '{self.cols['response']}' value {value!r} is not in task.response_map "
-                            f"({sorted(mapping)})")
-        return mapping[key]
+        return mapped_text(row, self.cols["response"], self.options.response_map, "response_map", "response")
 
     def _messages(self, row: Row) -> list[dict]:
         messages = row.get(self.cols["messages"])

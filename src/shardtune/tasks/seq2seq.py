@@ -21,7 +21,7 @@ from pydantic import Field
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.schema import TaskBase
-from shardtune.tasks.base import Example, no_grad
+from shardtune.tasks.base import Example, mapped_text, no_grad
 from shardtune.tasks.registry import Can, TaskKind, register_task
 
 if TYPE_CHECKING:
@@ -91,12 +91,7 @@ class Seq2Seq:
     def target_text(self, row: Row) -> str:
         if self.options.target_map is None:
             return self._text(row, self.target_col, "target")
-        value = row.get(self.target_col)
-        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
-        if key not in self.options.target_map:
-            raise DataError(f"{row.where}: '{self.target_col}' value {value!r} is not in task.target_map "
-                            f"({sorted(self.options.target_map)})")
-        return self.options.target_map[key]
+        return mapped_text(row, self.target_col, self.options.target_map, "target_map", "target")
 
     def collate(self, examples: list[Example], tokenizer) -> dict[str, torch.Tensor]:
         import torch
