@@ -17,13 +17,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # Never pull CUDA wheels on a machine without an NVIDIA GPU: pin the CPU build of torch.
+# SHARDTUNE_DEVICE=cuda installs the CUDA build anyway: a login node without GPUs that sets
+# up the environment its GPU nodes will use (shared home or project folder).
 CONSTRAINTS=(-c "$ROOT/launcher/constraints.txt")
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  DEVICE=gpu
-else
-  DEVICE=cpu
-  CONSTRAINTS+=(-c "$ROOT/launcher/constraints-cpu.txt")
-fi
+case "${SHARDTUNE_DEVICE:-auto}" in
+  cuda|gpu) DEVICE=gpu ;;
+  cpu) DEVICE=cpu ;;
+  auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi ;;
+  *) echo "SHARDTUNE_DEVICE must be cuda, cpu or auto (got '$SHARDTUNE_DEVICE')" >&2; exit 2 ;;
+esac
+[ "$DEVICE" = cpu ] && CONSTRAINTS+=(-c "$ROOT/launcher/constraints-cpu.txt")
 
 # WordNet for synonym augmentation (data.augment): Debian's wordnet-base, when we may install it.
 if [ ! -f /usr/share/wordnet/data.noun ] && [ -z "${SHARDTUNE_WORDNET:-}" ]; then
@@ -58,6 +61,7 @@ export PATH="$VENV/bin:$PATH"
 # No model hub at run time: every model and data set comes from disk or installed packages.
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}" \
        TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
-[ "$DEVICE" = cpu ] && export DS_ACCELERATOR=cpu
+# Only for this shell's own CPU processes; GPU workers reset it (shardtune.devices).
+if [ "$DEVICE" = cpu ]; then export DS_ACCELERATOR=cpu; else unset DS_ACCELERATOR; fi
 export TOKENIZERS_PARALLELISM=false
 cd "$ROOT"

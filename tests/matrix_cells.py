@@ -53,7 +53,8 @@ def _learning_rate(method: str, backbone: str) -> float:
 
 
 def cell_recipe(assets: dict, out: Path, *, method: str, quant: str, zero: int, family: str,
-                adapter: dict | None = None, quantization: dict | None = None, steps: int = 30) -> dict:
+                adapter: dict | None = None, quantization: dict | None = None, steps: int = 30,
+                precision: str = "fp32") -> dict:
     backbone = BACKBONES.get(family, "bert")
     source = {"path": assets[family], "format": "squad"} if family == "qa" else assets[family]
     task = {"classification": {"type": "sequence_classification"}, "tagging": {"type": "token_classification"},
@@ -69,7 +70,7 @@ def cell_recipe(assets: dict, out: Path, *, method: str, quant: str, zero: int, 
                  "max_length": 64 if family in ("qa", "causal_lm") else 32},
         "train": {"max_steps": steps, "micro_batch_size": 8, "learning_rate": _learning_rate(method, backbone),
                   "warmup_ratio": 0.0, "log_every_steps": 1000, "seed": 0},
-        "sharding": {"zero_stage": zero},
+        "sharding": {"zero_stage": zero, "precision": precision},
         "cluster": {"workers": 2},
         "output": {"dir": str(out)},
     }
@@ -102,10 +103,19 @@ def matrix_cells(assets: dict, out_root: Path) -> dict[str, dict]:
                     cells[cell] = cell_recipe(assets, out_root / cell.replace("/", "-"), method=method, quant=mode,
                                               zero=zero, family=family, adapter=adapter_for(method, backbone, **extra),
                                               quantization=quantization)
+    for mode, zero, family in BF16_CELLS:
+        cell = f"lora+bf16/{mode}/zero{zero}/{family}"
+        cells[cell] = cell_recipe(assets, out_root / cell.replace("/", "-"), method="lora", quant=mode, zero=zero,
+                                  family=family, precision="bf16")
     return cells
 
 
+
 BOTH = ("classification", "causal_lm")
+
+# bf16 training on quantised backbones at every ZeRO stage: DeepSpeed casts every float
+# parameter to bf16 (packed 4-bit codes too, under ZeRO-3), the bug class fp32 cells never see.
+BF16_CELLS = [(mode, zero, family) for mode in ("nf4", "int8") for zero in range(4) for family in BOTH]
 VARIANTS = {  # name -> (method, adapter options, quantization options or None, families)
     "lora+rslora": ("lora", {"use_rslora": True}, None, BOTH),
     "lora+dora": ("lora", {"use_dora": True}, None, BOTH),
@@ -151,6 +161,7 @@ def covering_cells(names: list[str]) -> list[str]:
         best = max(base, key=lambda c: (len(pairs(c) & need), c[2] == "zero3"))
         chosen.add("/".join(best))
         need -= pairs(best)
+    chosen |= {f"lora+bf16/{mode}/zero{zero}/{family}" for mode, zero, family in BF16_CELLS}
     for variant, (_, _, _, families) in VARIANTS.items():
         for i, family in enumerate(families):  # ZeRO-3 (three times slower) on the first family only
             stage = "zero3" if i == 0 else "zero2"

@@ -86,6 +86,8 @@ def load_kwargs(recipe, *, quantize: bool = True) -> dict:
     """from_pretrained arguments. quantize=False loads the backbone in full precision
     (what `shardtune merge` merges into)."""
     kwargs: dict = {"dtype": DTYPES[recipe.model.dtype], **NO_REMOTE_CODE}
+    if (attention := attn_implementation(recipe)) is not None:
+        kwargs["attn_implementation"] = attention
     config = quantization.bnb_config(recipe) if quantize else None
     if config is not None:
         kwargs["quantization_config"] = config
@@ -93,6 +95,48 @@ def load_kwargs(recipe, *, quantize: bool = True) -> dict:
             # Quantised weights are made on the device they load to; one GPU per worker.
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     return kwargs
+
+
+def attn_implementation(recipe) -> str | None:
+    """What from_pretrained's attn_implementation gets; None leaves transformers' choice
+    (sdpa where the model supports it, else eager)."""
+    wanted = recipe.model.attn_implementation
+    if wanted != "auto":
+        if wanted == "flash_attention_2" and not flash_attention_available():
+            from shardtune.errors import RunError
+
+            raise RunError("model.attn_implementation: flash_attention_2 needs the flash-attn package and a CUDA "
+                           "GPU on every worker (pip install flash-attn); use sdpa or auto")
+        return wanted
+    gpu = recipe.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
+    half = recipe.model.dtype in ("bfloat16", "float16")
+    return "flash_attention_2" if gpu and half and flash_attention_available() else None
+
+
+def flash_attention_available() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Keep one layer's activations instead of all: each layer is recomputed in the backward
+    pass. Non-reentrant checkpointing (torch's recommended kind, which also works when no
+    input of a checkpointed block requires grad, as with a frozen backbone); input grads on
+    as peft's prepare_model_for_kbit_training does, for models or peft versions that still
+    take the reentrant path; the KV cache off (it is useless in training and conflicts)."""
+    from shardtune.errors import RecipeError
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RecipeError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                          "checkpointing in transformers; set train.gradient_checkpointing: false")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20's name for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
 
 
 def load_tokenizer(recipe):
@@ -126,9 +170,16 @@ def load_model(recipe, task, tokenizer, *, quantize: bool = True) -> torch.nn.Mo
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; call before DeepSpeed partitions the model."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts. A ZeRO-3 partitioned parameter holds an empty
+    placeholder; its full size is `ds_numel`. bitsandbytes packs two 4-bit weights per byte
+    of a uint8 (or more per element of a float storage dtype): counted as the weights they
+    stand for."""
+    def size(p):
+        n = getattr(p, "ds_numel", None) or p.numel()
+        quant_state = getattr(p, "quant_state", None)
+        return quant_state.shape.numel() if quant_state is not None and hasattr(quant_state, "shape") else n
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total
 
 

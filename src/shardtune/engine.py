@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -29,14 +28,15 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from shardtune import backbone, checkpoint, export, inference, quantization, rundir
+from shardtune import backbone, checkpoint, devices, export, inference, quantization, rundir, telemetry
 from shardtune.adapters import apply_adapter, is_peft, optimizer_groups
-from shardtune.data.pipeline import (augmented_examples, epoch_micro_batches, eval_shard, load_data,
-                                     optimizer_steps_per_epoch)
+from shardtune.data.pipeline import (augmented_examples, collated_batches, epoch_micro_batches, eval_shard,
+                                     load_data, optimizer_steps_per_epoch)
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.reports import Report
-from shardtune.sharding import deepspeed_config, prepare_deepspeed
+from shardtune.sharding import (deepspeed_config, gathered_for_forward, is_partitioned, largest_trainable,
+                                partitioned_loading, prepare_deepspeed)
 from shardtune.tasks import Can, get_task, kind_of
 
 EXPORT_DIR = "export"     # the finished run's files inside the final checkpoint
@@ -59,6 +59,10 @@ class Reporter(Protocol):
 
     def node(self) -> str:
         """The node this worker runs on (for the run summary)."""
+        ...
+
+    def device(self) -> torch.device | None:
+        """The GPU the launcher gave this worker (Ray's get_device()), or None to use LOCAL_RANK."""
         ...
 
 
@@ -87,13 +91,17 @@ class Worker:
     resume_micro: int = 0
     resume_tensors: dict = field(default_factory=dict)
     step_times: list = field(default_factory=list)
+    step_work: list = field(default_factory=list)   # (tokens processed, supervised, FLOPs) per optimizer step
     time_to_first_step: float | None = None
+    shape: telemetry.ModelShape | None = None
+    load_peak: dict = field(default_factory=dict)
+    held: int = 0   # parameter elements this rank holds after loading (its partition under ZeRO-3)
 
 
 def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     recipe = Recipe.model_validate(recipe_dict)
     started = time.perf_counter()
-    rank, world, device = setup_distributed(recipe)
+    rank, world, device = setup_distributed(recipe, reporter)
     work_dir = scratch_dir(rank)
     log = RunLog(work_dir / EXPORT_DIR / rundir.LOGS, enabled=rank == 0)
     try:
@@ -106,20 +114,15 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
 
 
 # ----------------------------------------------------------------------------- setup
-def setup_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
-    """Ray (or torchrun) already set RANK/WORLD_SIZE/MASTER_*."""
+def setup_distributed(recipe: Recipe, reporter: Reporter) -> tuple[int, int, torch.device]:
+    """Ray (or torchrun) already set RANK/WORLD_SIZE/MASTER_*; Ray also started the group."""
+    device = devices.worker_device(recipe, reporter.device())
+    devices.configure(device, recipe)
     prepare_deepspeed()
     import deepspeed
 
-    use_gpu = recipe.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    if use_gpu:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, int(recipe.cluster.cpus_per_worker)))
+        deepspeed.init_distributed(dist_backend=devices.backend(device))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -136,41 +139,64 @@ def setup(recipe: Recipe, reporter: Reporter, rank: int, world: int, device: tor
     if sum(data.skipped.values()):
         log(f"skipped bad rows (data.on_bad_row: skip): {data.skipped['train']} train, "
             f"{data.skipped['validation']} validation; first: " + " | ".join(data.problems))
-    model = backbone.load_model(recipe, task, tokenizer)
+    with partitioned_loading(recipe, world):  # ZeRO-3: each rank holds only its partition from the start
+        model = build_model(w)
+        w.trainable, w.total = backbone.count_parameters(model)
+        w.held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+        w.shape = telemetry.ModelShape.of(model)
+        w.load_peak = telemetry.peak_memory_mb(device)
+        log(f"model ready: {w.trainable:,} trainable of {w.total:,} parameters "
+            f"({100 * w.trainable / w.total:.2f}%); {len(data.train_examples)} train / {len(data.val_examples)} "
+            f"validation examples; {world} workers on {device.type}, ZeRO-{sh.zero_stage}, {sh.precision}")
+
+        # Schedule: optimizer steps per epoch follow from the shard sizes.
+        w.steps_per_epoch = optimizer_steps_per_epoch(len(data.train_examples), world, tr)
+        w.total_steps = tr.max_steps or tr.epochs * w.steps_per_epoch
+        w.epochs = math.ceil(w.total_steps / w.steps_per_epoch)
+        w.engine = build_engine(w, model)
+    telemetry.reset_peak_memory(device)  # the training peak, apart from the loading peak
+    resume(w, reporter.latest_checkpoint(work_dir))
+    return w
+
+
+def build_model(w: Worker) -> torch.nn.Module:
+    """Backbone + head (+ label words) + adapter (+ the prompt model around it)."""
+    recipe, task = w.recipe, w.task
+    model = backbone.load_model(recipe, task, w.tokenizer)
     kind = kind_of(recipe)
     if kind.can(Can.FIT_ON_MODEL):  # prompt tasks: label words found from the untrained model
-        task.fit_verbalizer(model, tokenizer, data.train_examples, device, rank, world, log)
+        with gathered_for_forward(model):
+            task.fit_verbalizer(model, w.tokenizer, w.data.train_examples, w.device, w.rank, w.world, w.log)
+    if recipe.train.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing(model)
     model = apply_adapter(model, recipe, task)
     if kind.can(Can.WRAP_MODEL):  # prompt tasks: read the LM at the label slot, with the soft tokens
-        model = task.wrap(model, tokenizer)
-    w.trainable, w.total = backbone.count_parameters(model)
-    log(f"model ready: {w.trainable:,} trainable of {w.total:,} parameters "
-        f"({100 * w.trainable / w.total:.2f}%); {len(data.train_examples)} train / {len(data.val_examples)} "
-        f"validation examples; {world} workers, ZeRO-{sh.zero_stage}, {sh.precision}")
+        model = task.wrap(model, w.tokenizer)
+    return model
 
-    # Schedule: optimizer steps per epoch follow from the shard sizes.
-    w.steps_per_epoch = optimizer_steps_per_epoch(len(data.train_examples), world, tr)
-    w.total_steps = tr.max_steps or tr.epochs * w.steps_per_epoch
-    w.epochs = math.ceil(w.total_steps / w.steps_per_epoch)
+
+def build_engine(w: Worker, model: torch.nn.Module):
+    """AdamW (a torch optimizer, so DeepSpeed compiles nothing; see sharding.deepspeed_config)
+    over the adapter's parameter groups, the schedule, and the DeepSpeed engine."""
+    tr = w.recipe.train
     warmup = tr.warmup_steps if tr.warmup_steps is not None else round(tr.warmup_ratio * w.total_steps)
-
-    # AdamW (a torch optimizer, so DeepSpeed compiles nothing; see sharding.deepspeed_config)
-    # over the adapter's parameter groups.
-    optimizer = torch.optim.AdamW(optimizer_groups(model, recipe), lr=tr.learning_rate, betas=tr.adam_betas)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, w.recipe), lr=tr.learning_rate, betas=tr.adam_betas)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=w.total_steps)
-    if not quantization.is_quantized(recipe):  # quantised weights were placed when loaded
-        model = model.to(device)
+    if is_partitioned(model):
+        pass  # DeepSpeed places the partitions (and converts the adapter's new parameters) itself
+    elif not quantization.is_quantized(w.recipe):  # quantised weights were placed when loaded
+        model = model.to(w.device)
     elif hasattr(model, "place_own"):  # a prompt model's soft tokens and word tables, not the LM
-        model.place_own(device)
+        model.place_own(w.device)
     import deepspeed
 
-    w.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                             config=deepspeed_config(recipe, world))
-    resume(w, reporter.latest_checkpoint(work_dir))
-    return w
+    config = deepspeed_config(w.recipe, w.world, on_gpu=w.device.type == "cuda",
+                              keep_whole=largest_trainable(model) if is_peft(w.recipe) else 0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
 
 
 def resume(w: Worker, directory: str | None) -> None:
@@ -232,20 +258,25 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
     step_started = time.perf_counter()
     micro_batches = epoch_micro_batches(len(examples), w.world, w.rank, tr.micro_batch_size,
                                         tr.gradient_accumulation_steps, tr.seed, epoch)
-    for n, micro in enumerate(micro_batches):
-        if n < skip:
-            continue  # done before the stop; the order of an epoch is fixed by its seed
-        batch = w.task.collate([examples[i] for i in micro], w.tokenizer)
-        loss = engine(**{k: v.to(w.device) for k, v in batch.items()}).loss
+    # The epoch's order is fixed by its seed, so a resume skips what was done before the stop.
+    batches = collated_batches(examples, micro_batches[skip:], w.task, w.tokenizer,
+                               workers=dataloader_workers(w), pin=w.device.type == "cuda")
+    work = [0, 0, 0.0]  # this optimizer step's tokens processed, tokens supervised, FLOPs
+    for n, (size, batch) in enumerate(batches, start=skip):
+        processed, supervised, sequences, length = telemetry.batch_tokens(batch)
+        work = [work[0] + processed, work[1] + supervised, work[2] + w.shape.flops(sequences * length, sequences,
+                                                                                  length)]
+        loss = engine(**{k: v.to(w.device, non_blocking=True) for k, v in batch.items()}).loss
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
-        loss_sum += torch.stack([loss.detach().double() * len(micro), loss_sum.new_tensor(len(micro))])
+        loss_sum += torch.stack([loss.detach().double() * size, loss_sum.new_tensor(size)])
         if not boundary:
             continue
         now = time.perf_counter()
         w.step_times.append(now - step_started)
-        step_started = now
+        w.step_work.append(tuple(work))
+        step_started, work = now, [0, 0, 0.0]
         if w.time_to_first_step is None:
             w.time_to_first_step = now - w.started
         step = engine.global_steps
@@ -269,9 +300,18 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
 def log_step(w: Worker, epoch: int, step: int, loss: float) -> None:
     lr = w.engine.get_lr()[0]
     eta = statistics.median(w.step_times[-20:]) * (w.total_steps - step)
+    recent = slice(-min(len(w.step_times), w.recipe.train.log_every_steps), None)
+    seconds = sum(w.step_times[recent])
+    # This rank's tokens times the world: the run's rate, up to the ranks' padding differences.
+    tokens_per_s = sum(t[0] for t in w.step_work[recent]) * w.world / max(seconds, 1e-9)
     w.log(f"epoch {epoch + 1}/{w.epochs} step {step}/{w.total_steps} loss {loss:.4f} "
-          f"lr {lr:.2e} {w.step_times[-1]:.2f}s/step eta {_duration(eta)}")
-    w.log.scalars("train", {"loss": loss, "lr": lr}, step)
+          f"lr {lr:.2e} {w.step_times[-1]:.2f}s/step ~{tokens_per_s:,.0f} tok/s eta {_duration(eta)}")
+    w.log.scalars("train", {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}, step)
+
+
+def dataloader_workers(w: Worker) -> int:
+    setting = w.recipe.train.dataloader_workers
+    return setting if setting != "auto" else (2 if w.device.type == "cuda" else 0)
 
 
 def save_checkpoint(w: Worker, name: str, epoch: int, micro_done: int, loss_sum: torch.Tensor) -> Path:
@@ -290,11 +330,17 @@ def evaluate(w: Worker, epoch: float, **extra) -> dict:
     batch_size = w.recipe.train.eval_batch_size or 2 * w.recipe.train.micro_batch_size
     outputs = inference.forward_outputs(w.engine.module, w.task, w.tokenizer, [val[i] for i in indices],
                                      batch_size, w.device)
-    gathered = [None] * w.world
-    dist.all_gather_object(gathered, (indices, outputs))
-    by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
-    ordered = [by_index[i] for i in range(len(val))]
-    metrics = {"epoch": round(epoch, 4), "step": w.engine.global_steps, **w.task.metrics(ordered, val), **extra}
+    # Outputs to rank 0 only (a large model's eval outputs would otherwise sit on every
+    # rank), which scores them; the metrics, a few numbers, go back to every rank.
+    gathered = [None] * w.world if w.rank == 0 else None
+    dist.gather_object((indices, outputs), gathered, dst=0)
+    scored = [None]
+    if w.rank == 0:
+        by_index = {i: out for idx, outs in gathered for i, out in zip(idx, outs)}
+        ordered = [by_index[i] for i in range(len(val))]
+        scored = [w.task.metrics(ordered, val)]
+    dist.broadcast_object_list(scored, src=0)
+    metrics = {"epoch": round(epoch, 4), "step": w.engine.global_steps, **scored[0], **extra}
     best = w.recipe.output.keep_best_by
     if best is not None and best not in metrics:
         raise RecipeError(f"output.keep_best_by: {best!r} is not a metric this task reports; it reports "
@@ -310,12 +356,14 @@ def evaluate(w: Worker, epoch: float, **extra) -> dict:
 def finish(w: Worker, reporter: Reporter) -> None:
     """Save the run's files (rank 0) and hand them over with the final report."""
     out = w.work_dir / EXPORT_DIR
-    export.save_trained(w.engine.module, out, is_peft=is_peft(w.recipe), zero_stage=w.recipe.sharding.zero_stage,
+    export.save_trained(w.engine, out, is_peft=is_peft(w.recipe), zero_stage=w.recipe.sharding.zero_stage,
                         is_main=w.rank == 0)
-    peaks, nodes = [None] * w.world, [None] * w.world
-    dist.all_gather_object(peaks, _peak_memory_mb(w.device))
-    dist.all_gather_object(nodes, reporter.node())
+    mine = (telemetry.peak_memory_mb(w.device), w.load_peak, reporter.node(), _throughput(w), w.held)
+    everyone = [None] * w.world
+    dist.all_gather_object(everyone, mine)
+    peaks, loads, nodes, rates, held = zip(*everyone)
     steady = w.step_times[3:] or w.step_times
+    flops_per_s = statistics.mean(r["flops_per_s"] for r in rates)
     summary = {
         "trainable_parameters": w.trainable, "total_parameters": w.total,
         "train_examples": len(w.data.train_examples), "validation_examples": len(w.data.val_examples),
@@ -324,7 +372,17 @@ def finish(w: Worker, reporter: Reporter) -> None:
         "worker_seconds": round(time.perf_counter() - w.started, 2),
         "time_to_first_step_s": round(w.time_to_first_step or 0.0, 2),
         "steady_step_s": round(statistics.median(steady), 4) if steady else None,
-        "peak_memory_mb_per_worker": peaks, "worker_nodes": nodes,
+        # Steady state (after the first 3 steps), all workers together.
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in rates), 1),
+        "supervised_tokens_per_s": round(sum(r["supervised_tokens_per_s"] for r in rates), 1),
+        "flops_per_s_per_worker": round(flops_per_s, 1),
+        "mfu": telemetry.mfu(flops_per_s, w.device),
+        "mfu_peak_tflops": telemetry.peak_tflops(w.device),
+        # Training peak (after the engine was built); loading's peak apart.
+        "peak_memory_mb_per_worker": [telemetry.headline_mb(p) for p in peaks],
+        "load_peak_memory_mb_per_worker": [telemetry.headline_mb(p) for p in loads],
+        "peak_memory_detail_mb_per_worker": list(peaks), "worker_nodes": list(nodes),
+        "parameters_held_per_worker": list(held),
     }
     if w.rank == 0:
         w.tokenizer.save_pretrained(out / rundir.TOKENIZER)
@@ -404,10 +462,13 @@ def _stop_agreed(reporter, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+def _throughput(w: Worker) -> dict:
+    """This rank's steady-state rates (the first 3 steps hold compilation and warm-up)."""
+    times, work = (w.step_times[3:], w.step_work[3:]) if len(w.step_times) > 3 else (w.step_times, w.step_work)
+    seconds = max(sum(times), 1e-9)
+    return {"tokens_per_s": sum(t[0] for t in work) / seconds,
+            "supervised_tokens_per_s": sum(t[1] for t in work) / seconds,
+            "flops_per_s": sum(t[2] for t in work) / seconds}
 
 
 def _duration(seconds: float) -> str:

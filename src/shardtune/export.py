@@ -16,13 +16,20 @@ from shardtune.rundir import TASK_STATE
 from shardtune.tasks import get_task
 
 
-def save_trained(model: torch.nn.Module, directory: Path, *, is_peft: bool, zero_stage: int,
-                 is_main: bool) -> None:
+def save_trained(engine, directory: Path, *, is_peft: bool, zero_stage: int, is_main: bool) -> None:
     """Write the adapter (or the full model) from rank 0; every rank must call this.
 
-    Under ZeRO-3 each rank holds a slice of every parameter, so the trainable ones are
-    gathered first; without that the saved adapter would hold empty tensors.
+    Under ZeRO-3 each rank holds a slice of every parameter. An adapter is small: its
+    parameters are gathered whole. A fully fine-tuned model is not: DeepSpeed's 16-bit
+    consolidation gathers one module at a time onto rank 0 only, so no rank ever holds the
+    whole model twice, and the other ranks none of it.
     """
+    model = engine.module
+    if zero_stage == 3 and not is_peft:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets it, the others {}
+        if is_main:
+            model.save_pretrained(directory / "model", state_dict=state_dict, safe_serialization=True)
+        return
     params = [p for p in model.parameters() if p.requires_grad] if is_peft else list(model.parameters())
     if zero_stage == 3:
         import deepspeed

@@ -368,6 +368,13 @@ class _RayReporter:
 
         return ray.util.get_node_ip_address()
 
+    def device(self):
+        """The GPU Ray assigned this worker (it sets CUDA_VISIBLE_DEVICES per worker, so
+        LOCAL_RANK need not be its index), or the CPU."""
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
     def report(self, report: Report, checkpoint_dir: str | None) -> None:
         import ray.train
 

@@ -39,11 +39,15 @@ head_ip=$(node_ip "$head_node")
 port=${SHARDTUNE_RAY_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 ray_tmp=${SHARDTUNE_RAY_TMP:-/tmp/ray-$SLURM_JOB_ID}
 cpus=${SLURM_CPUS_PER_TASK:-1}
-gpus=${SHARDTUNE_GPUS_PER_NODE:-0}
+# GPUs per node: the recipe's (a rendered script sets it), else what Slurm allocated
+# (SLURM_GPUS_ON_NODE, from --gpus-per-node or --gres=gpu:N), else Ray's own detection.
+gpus=${SHARDTUNE_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+# A CPU login node's set-up exports DS_ACCELERATOR=cpu, and sbatch carries it to the GPU nodes.
+if [[ -n $gpus && $gpus != 0 ]]; then unset DS_ACCELERATOR; fi
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python -c 'import secrets; print(secrets.token_hex(32))')}
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0   # ray start --block exits at once on SIGTERM
-ray_common=(--block --num-cpus "$cpus" --num-gpus "$gpus" --min-worker-port 0 --max-worker-port 0)
+ray_common=(--block --num-cpus "$cpus" ${gpus:+--num-gpus "$gpus"} --min-worker-port 0 --max-worker-port 0)
 
 # ---- Ray: the head on the first node, one Ray node on each of the others (job steps).
 ray_steps=()
@@ -92,8 +96,9 @@ exit $status
 GENERIC_HEADER = """#!/bin/bash
 # Ray + shardtune on the nodes Slurm allocates. Usage:
 #   sbatch -N 2 --cpus-per-task 16 --gpus-per-node 4 slurm/shardtune-ray.sbatch RECIPE [KEY=VALUE ...]
-# (set SHARDTUNE_GPUS_PER_NODE to the GPUs per node; or render a script with the recipe's own
-# resources: shardtune slurm RECIPE). Generated from src/shardtune/slurm.py: edit it there.
+# (Ray gets each node's GPUs from Slurm's allocation; SHARDTUNE_GPUS_PER_NODE overrides it. Or
+# render a script with the recipe's own resources: shardtune slurm RECIPE.) Generated from
+# src/shardtune/slurm.py: edit it there.
 #SBATCH --job-name=shardtune
 #SBATCH --ntasks-per-node=1
 #SBATCH --signal=B:USR1@300

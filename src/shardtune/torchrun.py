@@ -51,6 +51,9 @@ class LocalReporter:
 
         return socket.gethostname()
 
+    def device(self):
+        return None  # torchrun: cuda:LOCAL_RANK (devices.worker_device)
+
     def report(self, report: Report, checkpoint_dir: str | None) -> None:
         if checkpoint_dir and report.kind is Kind.FINAL:
             shutil.copytree(checkpoint_dir, self.output_dir, dirs_exist_ok=True)

@@ -68,6 +68,16 @@ def test_task_trains_evaluates_and_predicts(task_runs, tmp_path, stage, name, ta
     before, after = metrics["before"][metric], metrics["final"][metric]
     assert after > before + 0.2 * (100 if name == "qa" else 1), (before, after)
     assert metrics["final"]["loss"] < metrics["before"]["loss"]
+    summary = metrics["summary"]
+    trainable, total = summary["trainable_parameters"], summary["total_parameters"]
+    for held in summary["parameters_held_per_worker"]:
+        if stage == 3:  # partitioned while loading: each rank holds its half of the frozen weights
+            assert held < trainable + 0.6 * (total - trainable), (held, trainable, total)
+        else:
+            assert held == total, (held, total)
+    assert summary["tokens_per_s"] > 0 and summary["supervised_tokens_per_s"] > 0
+    assert summary["flops_per_s_per_worker"] > 0 and summary["mfu"] is None  # no GPU peak to divide by
+    assert all(peak > 0 for peak in summary["load_peak_memory_mb_per_worker"] + summary["peak_memory_mb_per_worker"])
 
     fresh = write(tmp_path / "fresh", 40, 7)
     fmt = ["--format", "squad"] if name == "qa" else []

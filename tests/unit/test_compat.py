@@ -65,14 +65,29 @@ def test_option_refusals(adapter, quantization, fragment):
         validate_recipe(raw, check_files=False)
 
 
-def test_storage_dtype_follows_the_compute_dtype_under_zero3():
+@pytest.mark.parametrize("zero, precision, compute, expected", [
+    (2, "fp32", None, "uint8"), (2, "bf16", None, "uint8"),          # not partitioned: packed bytes
+    (3, "fp32", None, "float32"), (3, "bf16", None, "bfloat16"),     # ZeRO-3: the training precision's dtype,
+    (3, "fp32", "bfloat16", "float32"),                              # whatever the matmuls compute in
+])
+def test_storage_dtype_follows_the_training_precision_under_zero3(zero, precision, compute, expected):
     from shardtune.quantization import bnb_config
 
-    for zero, expected in ((2, "uint8"), (3, "float32")):
-        recipe = validate_recipe(recipe_for("lora", "nf4", zero, "classification"), check_files=False)
-        assert str(bnb_config(recipe).bnb_4bit_quant_storage).endswith(expected)
-    raw = recipe_for("lora", "nf4", 3, "classification", quantization={"compute_dtype": "bfloat16"})
-    assert str(bnb_config(validate_recipe(raw, check_files=False)).bnb_4bit_quant_storage).endswith("bfloat16")
+    raw = recipe_for("lora", "nf4", zero, "classification", quantization={"compute_dtype": compute} if compute else {})
+    raw["sharding"]["precision"] = precision
+    assert str(bnb_config(validate_recipe(raw, check_files=False)).bnb_4bit_quant_storage).endswith(expected)
+
+
+@pytest.mark.parametrize("precision, storage", [("bf16", "float32"), ("bf16", "uint8"), ("fp32", "bfloat16"),
+                                                ("fp32", "float16")])
+def test_a_storage_dtype_zero3_would_corrupt_is_refused(precision, storage):
+    raw = recipe_for("lora", "nf4", 3, "classification", quantization={"storage_dtype": storage})
+    raw["sharding"]["precision"] = precision
+    want = {"bf16": "bfloat16", "fp32": "float32"}[precision]
+    with pytest.raises(RecipeError, match=f"set quantization.storage_dtype: {want}"):
+        validate_recipe(raw, check_files=False)
+    raw["quantization"]["storage_dtype"] = want  # the matching dtype is accepted
+    validate_recipe(raw, check_files=False)
 
 
 def test_a_prequantised_checkpoint_is_refused_under_zero3(tiny_bert, tmp_path):

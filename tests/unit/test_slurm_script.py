@@ -76,8 +76,11 @@ MISMATCHES = [
      "= 4 GPUs, but the Slurm job holds 8 (2 nodes x 4); set cluster.workers: 8"),
     ("gpu-workers-no-gpus", {"nodes": 2}, {"workers": 2, "gpus_per_worker": 1},
      "slurm.gpus_per_node is 0: the job would get no GPUs"),
-    ("worker-bigger-than-a-node", {"nodes": 2, "gpus_per_node": 1, "cpus_per_node": 8},
-     {"workers": 1, "gpus_per_worker": 2}, "no node could hold a worker"),
+    # A worker trains on one device: a worker given 2 GPUs would leave one idle, half of one is not a device.
+    ("two-gpus-per-worker", {"nodes": 2, "gpus_per_node": 1, "cpus_per_node": 8},
+     {"workers": 1, "gpus_per_worker": 2}, "cluster.gpus_per_worker: input should be 0 or 1 (got 2)"),
+    ("half-a-gpu-per-worker", {"nodes": 1, "gpus_per_node": 1, "cpus_per_node": 8},
+     {"workers": 2, "gpus_per_worker": 0.5}, "cluster.gpus_per_worker: input should be 0 or 1 (got 0.5)"),
     ("too-many-cpus", {"nodes": 2, "cpus_per_node": 2}, {"workers": 3, "cpus_per_worker": 2},
      "= 6 CPUs (2 each), but the Slurm job has 2 nodes x 2 CPUs"),
 ]

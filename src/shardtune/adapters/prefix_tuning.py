@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from shardtune.adapters.registry import AdapterFamily, register_adapter
+from shardtune.adapters.registry import AdapterFamily, RecipeRule, register_adapter
 from shardtune.schema import AdapterBase
 
 
@@ -39,5 +39,13 @@ def apply(model, recipe, task):
     return get_peft_model(model, config(recipe, task, model))
 
 
+# peft feeds the prefix in as past keys and values, which checkpointed layers cannot take.
+NO_CHECKPOINTING = RecipeRule(
+    key="prefix_tuning_checkpointing", refuses=lambda recipe: recipe.train.gradient_checkpointing,
+    reason="train.gradient_checkpointing: peft's prefix tuning passes its prefix as past keys and values, which "
+           "gradient checkpointing cannot recompute; set train.gradient_checkpointing: false, or use "
+           "adapter.method: prompt_tuning, p_tuning or lora")
+
 register_adapter(AdapterFamily(method="prefix_tuning", section=PrefixTuningAdapter, apply=apply, soft_prompt=True,
+                               recipe_rules=(NO_CHECKPOINTING,),
                                summary="trained keys and values on every attention layer (prefix tuning)"))

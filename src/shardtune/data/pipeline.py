@@ -151,3 +151,27 @@ def eval_shard(n_examples: int, world: int, rank: int) -> list[int]:
     mine = list(range(rank, n_examples, world))
     per_rank = math.ceil(n_examples / world)
     return mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+
+
+class _Collate:
+    """A micro-batch of indices -> (examples in it, collated tensors); a class, not a
+    closure, so that DataLoader workers started by spawn can receive it too."""
+
+    def __init__(self, examples, task, tokenizer):
+        self.examples, self.task, self.tokenizer = examples, task, tokenizer
+
+    def __call__(self, micro: list[int]):
+        return len(micro), self.task.collate([self.examples[i] for i in micro], self.tokenizer)
+
+
+def collated_batches(examples, micro_batches: list[list[int]], task, tokenizer, *, workers: int, pin: bool):
+    """The micro-batches' tensors in order. With workers, DataLoader processes collate the
+    next batches while the model computes, into pinned memory on a GPU (so the copy to the
+    device can overlap too); without, collation runs in the training process."""
+    collate = _Collate(examples, task, tokenizer)
+    if workers == 0:
+        return map(collate, micro_batches)
+    from torch.utils.data import DataLoader
+
+    return iter(DataLoader(micro_batches, batch_size=None, shuffle=False, collate_fn=collate, num_workers=workers,
+                           pin_memory=pin, prefetch_factor=4))

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from shardtune import compat
+from shardtune import compat, quantization
 from shardtune.errors import RecipeError
 from shardtune.recipe.messages import _did_you_mean, _explain
 from shardtune.recipe.sections import *  # noqa: F403  (the schema, re-exported: shardtune.recipe.X)
@@ -175,6 +175,8 @@ def check_rules(recipe: Recipe, *, check_files: bool = True) -> list[str]:
     if q.mode == "int8" and (q.double_quant or q.compute_dtype or q.storage_dtype):
         problems.append("quantization.double_quant, compute_dtype and storage_dtype apply to 4-bit modes (nf4, fp4); "
                         "remove them for int8")
+    if (storage := quantization.storage_problem(recipe)) is not None:
+        problems.append(storage)
     if q.mode != "none" and "float16" in (q.compute_dtype, recipe.model.dtype) and cl.gpus_per_worker == 0:
         problems.append("float16 (model.dtype or quantization.compute_dtype) needs GPUs; use float32 or bfloat16 on CPU")
     kind = task_kind(recipe.task.type)
@@ -261,14 +263,10 @@ def _slurm_problems(recipe: Recipe) -> list[str]:
                 "no GPUs; set slurm.gpus_per_node to the GPUs each node has"]
     problems = []
     if gpus and cl.workers * cl.gpus_per_worker != gpus:
-        fits = gpus / cl.gpus_per_worker
-        fix = f"set cluster.workers: {fits:g}" if fits == int(fits) else "change cluster.gpus_per_worker"
+        fix = f"set cluster.workers: {gpus}"  # one GPU per worker
         problems.append(f"cluster.workers x gpus_per_worker = {cl.workers * cl.gpus_per_worker:g} GPUs, but the Slurm "
                         f"job holds {gpus} ({sl.nodes} nodes x {sl.gpus_per_node}); {fix}, or change slurm.nodes or "
                         "slurm.gpus_per_node")
-    if cl.gpus_per_worker > sl.gpus_per_node > 0:
-        problems.append(f"cluster.gpus_per_worker ({cl.gpus_per_worker:g}) is more than a node's "
-                        f"slurm.gpus_per_node ({sl.gpus_per_node}): no node could hold a worker")
     if cl.cpus_per_worker > sl.cpus_per_node or cl.workers * cl.cpus_per_worker > sl.nodes * sl.cpus_per_node:
         problems.append(f"cluster.workers x cpus_per_worker = {cl.workers * cl.cpus_per_worker:g} CPUs "
                         f"({cl.cpus_per_worker:g} each), but the Slurm job has {sl.nodes} nodes x "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 import shardtune.tasks  # noqa: F401  (each task module registers itself)
 from shardtune.adapters.registry import adapter_families
@@ -21,8 +21,12 @@ from shardtune.tasks.registry import task_kinds
 class ModelSection(Section):
     path: str = Field(description="hub id, local directory, or package:NAME/PATH of an installed package")
     gguf_file: str | None = Field(None, description="GGUF file inside `path` to load and dequantise")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the backbone weights are loaded in")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the backbone weights are loaded in; auto: the training precision's "
+                            "(sharding.precision), so a bf16 run never holds an fp32 copy of the backbone")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="attention kernel; auto: flash_attention_2 on GPUs where flash-attn is installed and "
+                            "the model supports it, else transformers' default (sdpa where supported)")
 
 
 class QuantizationSection(Section):
@@ -81,6 +85,12 @@ class TrainSection(Section):
     eval_every_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
     log_every_steps: int = Field(10, ge=1, description="print progress every N optimizer steps")
     eval_before_training: bool = Field(True, description="evaluate once before the first step (the baseline)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass instead of keeping them: "
+                           "activation memory of one layer instead of all, for ~30% more compute")
+    dataloader_workers: int | Literal["auto"] = Field(
+        "auto", description="processes that collate batches while the model computes; auto: 2 on GPU, 0 on CPU "
+                            "(where they would take the cores the training needs)")
 
 
 # ------------------------------------------------------------------------ sharding
@@ -88,14 +98,16 @@ class ShardingSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="keep optimizer state in CPU memory (ZeRO 1-3)")
     offload_params: bool = Field(False, description="keep parameters in CPU memory (ZeRO 3)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision; auto: bf16 on GPU workers, fp32 on CPU")
 
 
 # ------------------------------------------------------------------------- cluster
 class ClusterSection(Section):
     workers: int = Field(2, ge=1, le=4096, description="training processes (one per GPU, or per CPU slot)")
     cpus_per_worker: float = Field(1, gt=0, le=1024, description="CPUs reserved per worker")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; 0 trains on CPU")
+    gpus_per_worker: Literal[0, 1] = Field(0, description="GPUs per worker: 1 (one process per GPU) or 0 to train "
+                                                          "on CPU")
     address: str | None = Field(None, description="Ray cluster to attach to (ray://host:port or auto); "
                                                   "default: start an embedded one")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint")
@@ -150,6 +162,16 @@ class Recipe(Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     output: OutputSection
     slurm: SlurmSection | None = Field(None, description="resources for `shardtune slurm` (sbatch)")
+
+    @model_validator(mode="after")
+    def _resolve_auto(self):
+        """`auto` settings become what they mean for this recipe, so that the saved recipe,
+        the checkpoint fingerprint and every rule see the value that trains."""
+        if self.sharding.precision == "auto":
+            self.sharding.precision = "bf16" if self.cluster.gpus_per_worker else "fp32"
+        if self.model.dtype == "auto":
+            self.model.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.sharding.precision]
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

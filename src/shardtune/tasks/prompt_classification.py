@@ -328,13 +328,14 @@ class PromptClassification:
         options = self.options.auto_verbalizer
         sample = examples[:options.max_examples]
         prompt_model = self.wrap(model, tokenizer).to(device).eval()  # no words yet: slot distributions only
-        sums = torch.zeros(len(self.labels), len(tokenizer), dtype=torch.float64)
-        counts = torch.zeros(len(self.labels), dtype=torch.float64)
+        # On the training device: NCCL reduces only CUDA tensors.
+        sums = torch.zeros(len(self.labels), len(tokenizer), dtype=torch.float64, device=device)
+        counts = torch.zeros(len(self.labels), dtype=torch.float64, device=device)
         mine = sample[rank::world]
         for start in range(0, len(mine), 8):
             chunk = mine[start:start + 8]
             batch = {k: v.to(device) for k, v in self.collate(chunk, tokenizer).items() if k != "labels"}
-            lp = prompt_model(**batch, slot_distribution=True).logits.double().cpu()  # (examples x templates, vocab)
+            lp = prompt_model(**batch, slot_distribution=True).logits.double()  # (examples x templates, vocab)
             lp = lp.view(len(chunk), len(self.templates), -1).mean(1)[:, :sums.shape[1]]
             for example, row_lp in zip(chunk, lp):
                 sums[example.target] += row_lp
@@ -348,7 +349,7 @@ class PromptClassification:
             missing = [label for label, n in zip(self.labels, counts) if n == 0]
             raise DataError(f"task.verbalizer auto: no training examples of label(s) {missing} among the first "
                             f"{len(sample)}; raise task.auto_verbalizer.max_examples")
-        class_lp = (sums / counts[:, None]).numpy()
+        counts, class_lp = counts.cpu(), (sums / counts[:, None]).cpu().numpy()
         space = self._spaces(tokenizer)[0]
         # Candidates: tokens probable under at least one class (a label word need not be
         # probable on average, only for its own class).
