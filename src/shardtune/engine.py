@@ -35,8 +35,8 @@ from shardtune.data.pipeline import (augmented_examples, collated_batches, epoch
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.reports import Report
-from shardtune.sharding import (deepspeed_config, gathered_for_forward, is_partitioned, largest_trainable,
-                                partitioned_loading, prepare_deepspeed)
+from shardtune.partitions import gathered_for_forward, is_partitioned, largest_trainable
+from shardtune.sharding import deepspeed_config, partitioned_loading, prepare_deepspeed
 from shardtune.tasks import Can, get_task, kind_of
 
 EXPORT_DIR = "export"     # the finished run's files inside the final checkpoint
@@ -121,8 +121,9 @@ def setup_distributed(recipe: Recipe, reporter: Reporter) -> tuple[int, int, tor
     prepare_deepspeed()
     import deepspeed
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=devices.backend(device))
+    # Also when Ray started the process group: DeepSpeed then wraps it, and zero.Init (ZeRO-3
+    # loading, before deepspeed.initialize) needs DeepSpeed's view of the world size.
+    deepspeed.init_distributed(dist_backend=devices.backend(device))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -430,9 +431,12 @@ class RunLog:
         if enabled:
             directory.mkdir(parents=True, exist_ok=True)
             self.file = open(directory / "train.log", "a", buffering=1)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(directory / "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # a bare GPU image without tensorboard (bench/gpu): the log still has it all
+                self("tensorboard is not installed: scalars go to logs/train.log only (pip install tensorboard)")
+            else:
+                self.writer = SummaryWriter(str(directory / "tensorboard"))
 
     def __call__(self, message: str) -> None:
         if self.enabled and self.file is not None:
@@ -443,16 +447,17 @@ class RunLog:
             self.file.write(line + "\n")
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
-        if self.enabled and self.writer is not None:
+        if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
-        if self.enabled and self.file is not None:
+        if self.writer is not None:
             self.writer.close()
+        if self.file is not None:
             self.file.close()
-            self.file = self.writer = None
+        self.file = self.writer = None
 
 
 def _stop_agreed(reporter, device: torch.device) -> bool:

@@ -7,7 +7,7 @@ calls `deepspeed_config` and `prepare_deepspeed`.
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from shardtune.recipe import Recipe
 
@@ -102,31 +102,3 @@ def partitioned_loading(recipe: Recipe, world_size: int):
     finally:
         unset_hf_deepspeed_config()
         del registered
-
-
-def is_partitioned(model) -> bool:
-    """True for a model built inside zero.Init (its parameters carry DeepSpeed's ds_id)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def gathered_for_forward(model):
-    """Gather a partitioned model whole for a forward pass outside the DeepSpeed engine
-    (the automatic verbalizer reads the untrained model); nothing to do otherwise."""
-    if not is_partitioned(model):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-# The most an adapter parameter may hold and still be kept whole (64 MB in fp32): a
-# modules_to_save copy of a 128 k-word embedding table is partitioned like the backbone.
-KEEP_WHOLE_CAP = 2**24
-
-
-def largest_trainable(model) -> int:
-    """Elements of the largest trainable parameter up to KEEP_WHOLE_CAP: under ZeRO-3 every
-    parameter up to this size stays whole (pass 0 for full fine-tuning)."""
-    sizes = [n for p in model.parameters() if p.requires_grad
-             if (n := getattr(p, "ds_numel", p.numel())) <= KEEP_WHOLE_CAP]
-    return max(sizes, default=0)

@@ -83,7 +83,7 @@ def test_zero3_keeps_adapters_whole_and_overlaps_communication_on_gpus():
 
 
 def test_the_largest_trainable_parameter_sets_what_stays_whole_up_to_a_cap():
-    from shardtune.sharding import KEEP_WHOLE_CAP, largest_trainable
+    from shardtune.partitions import KEEP_WHOLE_CAP, largest_trainable
 
     model = torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.Linear(400, 2))
     model[0].weight.requires_grad_(False)
@@ -201,3 +201,17 @@ def test_the_peak_memory_can_be_reset_so_training_is_measured_apart_from_loading
     telemetry.reset_peak_memory(cpu)
     after = telemetry.headline_mb(telemetry.peak_memory_mb(cpu))
     assert after < loaded - 200, (loaded, after)
+
+
+# ------------------------------------------------------------- chunked evaluation loss
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_token_loss_equals_the_whole_vocabulary_loss(dtype):
+    from shardtune.tasks.base import token_nll
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 17, 50, generator=generator).to(dtype)
+    labels = torch.randint(0, 50, (3, 17), generator=generator)
+    labels[0, :5] = -100
+    whole = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    for chunk in (1, 3 * 50 * 4, 10**9):  # one position at a time, four at a time, all at once
+        torch.testing.assert_close(token_nll(logits, labels, chunk_elements=chunk), whole)

@@ -21,7 +21,7 @@ from pydantic import Field
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.schema import TaskBase
-from shardtune.tasks.base import Example, mapped_text, no_grad
+from shardtune.tasks.base import Example, mapped_text, no_grad, token_nll
 from shardtune.tasks.registry import Can, TaskKind, register_task
 
 if TYPE_CHECKING:
@@ -185,10 +185,8 @@ class CausalLM:
 
         # Soft-prompt adapters (prompt_tuning, p_tuning) prepend virtual tokens to the logits.
         logits = model_output.logits[:, -batch["labels"].shape[1]:]
-        logits = logits[:, :-1].float()
         labels = batch["labels"][:, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
-                                                reduction="none")
+        nll = token_nll(logits[:, :-1], labels, IGNORE)  # in slices: never the whole vocabulary in fp32
         counted = labels != IGNORE
         return list(torch.stack([nll.sum(dim=1), counted.sum(dim=1).float()], dim=1).cpu().numpy())
 

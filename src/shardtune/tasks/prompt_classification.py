@@ -216,7 +216,11 @@ class PromptClassification:
         (better than random vectors: Lester et al. 2021). Seeded: every rank agrees."""
         import torch
 
-        embeddings = model.get_input_embeddings().weight.detach().float()
+        from shardtune.partitions import whole
+
+        weight = model.get_input_embeddings().weight
+        with whole([weight]):  # ZeRO-3 builds the table partitioned
+            embeddings = weight.detach().float().clone()
         generator = torch.Generator().manual_seed(self.recipe.train.seed)
         table = embeddings[torch.randint(0, len(tokenizer), (self.soft_token_count(tokenizer),),
                                          generator=generator)].clone()

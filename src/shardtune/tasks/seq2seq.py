@@ -21,7 +21,7 @@ from pydantic import Field
 from shardtune.data import Row
 from shardtune.errors import DataError
 from shardtune.schema import TaskBase
-from shardtune.tasks.base import Example, mapped_text, no_grad
+from shardtune.tasks.base import Example, mapped_text, no_grad, token_nll
 from shardtune.tasks.registry import Can, TaskKind, register_task
 
 if TYPE_CHECKING:
@@ -110,11 +110,8 @@ class Seq2Seq:
     # ---------------------------------------------------------------------- results
     def outputs(self, model_output, batch) -> list[dict]:
         """Per example: the summed negative log-likelihood of its target tokens and their count."""
-        import torch
-
         labels = batch["labels"].to(model_output.logits.device)
-        nll = torch.nn.functional.cross_entropy(model_output.logits.float().transpose(1, 2), labels,
-                                                ignore_index=IGNORE, reduction="none")
+        nll = token_nll(model_output.logits, labels, IGNORE)
         counted = (labels != IGNORE).sum(dim=1)
         return [{"nll": float(n), "tokens": int(c)} for n, c in zip(nll.sum(dim=1).cpu(), counted.cpu())]
 

@@ -1,0 +1,41 @@
+"""Parameters that ZeRO-3 partitions: telling them apart, reading them whole, and which
+ones stay whole. Apart from sharding.py because tasks use it, and the recipe (which
+sharding.py reads) imports the tasks."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+
+def is_partitioned(model) -> bool:
+    """True for a model built inside zero.Init (its parameters carry DeepSpeed's ds_id)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered_for_forward(model):
+    """Gather a partitioned model whole for a forward pass outside the DeepSpeed engine
+    (the automatic verbalizer reads the untrained model); nothing to do otherwise."""
+    return whole(list(model.parameters()))
+
+
+def whole(params: list):
+    """Read partitioned parameters whole on every rank inside the block (soft tokens
+    initialised from the embedding table); a no-op for parameters that are not partitioned."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+# The most an adapter parameter may hold and still be kept whole (64 MB in fp32): a
+# modules_to_save copy of a 128 k-word embedding table is partitioned like the backbone.
+KEEP_WHOLE_CAP = 2**24
+
+
+def largest_trainable(model) -> int:
+    """Elements of the largest trainable parameter up to KEEP_WHOLE_CAP: under ZeRO-3 every
+    parameter up to this size stays whole (pass 0 for full fine-tuning)."""
+    sizes = [n for p in model.parameters() if p.requires_grad
+             if (n := getattr(p, "ds_numel", p.numel())) <= KEEP_WHOLE_CAP]
+    return max(sizes, default=0)
