@@ -1,4 +1,4 @@
-"""The `shardtune` command: validate, run, eval, predict, generate, merge, submit, jobs, slurm."""
+"""The `shardtune` command: validate, plan, run, eval, predict, generate, merge, submit, jobs, slurm."""
 
 from __future__ import annotations
 
@@ -84,6 +84,43 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
 
     result = run_recipe(resolved, address=address, resume=resume)
     _print_summary(result)
+
+
+@app.command()
+@_command
+def plan(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
+         workers: Optional[int] = typer.Option(None, "--workers", min=1, help="workers (default: the recipe's)"),
+         gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1,
+                                                     help="plan GPU workers, this many per node"),
+         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="memory per GPU, e.g. 80GB: which "
+                                                                             "choices fit, and the cheapest"),
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+    """Predict each worker's peak memory for the recipe and for every ZeRO stage, offload
+    and checkpointing choice (nothing is loaded: the model is built on the meta device)."""
+    from shardtune.plan import model_counts, parse_memory
+    from shardtune.plan import plan as make_plan
+    from shardtune.recipe import load_recipe
+
+    extra = [] if gpus_per_node is None else ["cluster.gpus_per_worker=1"]
+    resolved = load_recipe(recipe, [*(overrides or []), *extra])
+    limit = parse_memory(gpu_memory) if gpu_memory else None
+    result = make_plan(resolved, model_counts(resolved), workers=workers, gpu_memory_mb=limit)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"per-worker peak memory, {result['workers']} workers on {result['device']}")
+    for column in ("choice", "MB", "weights", "optimizer+grads", "activations", "logits", "fits"):
+        table.add_column(column)
+    for row in [result["as_written"], *result["options"]]:
+        parts = row["parts_mb"]
+        table.add_row(row["choice"] + (" (as written)" if row is result["as_written"] else ""),
+                      f"{row['predicted_peak_mb_per_worker']:,.0f}",
+                      f"{parts['frozen_weights'] + parts['trainable_weights']:,.0f}",
+                      f"{parts['optimizer'] + parts['gradients']:,.0f}", f"{parts['activations']:,.0f}",
+                      f"{parts['logits']:,.0f}", "" if row["fits"] is None else ("yes" if row["fits"] else "no"))
+    out.print(table)
+    if limit is not None:
+        out.print(f"recommended: {result['recommended'] or 'nothing fits; add workers or quantise the backbone'}")
 
 
 SET_HELP = ("KEY=VALUE: any recipe field for a zero-shot recipe; data.* only for a finished run (e.g. "

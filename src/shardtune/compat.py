@@ -30,7 +30,7 @@ for _kind in task_kinds():
 INT8_ZERO3 = Rule(
     "8-bit+ZeRO-3", "ZeRO-3 partitions every weight into flat float shards, and bitsandbytes 8-bit weights (int8 "
     "codes plus per-row scales) cannot be partitioned (a known DeepSpeed/transformers limit); use "
-    "sharding.zero_stage 0-2, or 4-bit (nf4/fp4), which ZeRO-3 holds with its storage dtype set to the compute dtype",
+    "sharding.zero_stage 0-2, or 4-bit (nf4/fp4), which ZeRO-3 holds with its storage dtype set to the training precision's dtype",
     lambda quant, zero, family: quant == "int8" and zero == 3)
 PREQUANTIZED_ZERO3 = ("pre-quantised+ZeRO-3", "this checkpoint is saved already quantised (its config has a "
                       "quantization_config), and ZeRO-3 cannot partition pre-quantised weights (a known upstream "
