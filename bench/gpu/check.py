@@ -116,7 +116,7 @@ def run_case(case: str, model: Path, data: Path, work: Path, gpu: bool, steps: i
     detail = s["peak_memory_detail_mb_per_worker"][0]
     return {
         "wall_seconds": round(time.perf_counter() - started, 1), "steps": s["steps"],
-        "loss_first_last": [metrics["history"][0].get("loss"), metrics["final"].get("loss")],
+        "validation_loss": metrics["final"].get("loss"),
         "steady_step_s": s["steady_step_s"], "tokens_per_s": s["tokens_per_s"],
         "flops_per_s": s["flops_per_s_per_worker"], "mfu": s["mfu"], "mfu_peak_tflops": s["mfu_peak_tflops"],
         "peak_allocated_gib": round(detail.get("allocated", detail.get("resident", 0)) / 1024, 2),

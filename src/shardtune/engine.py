@@ -35,7 +35,7 @@ from shardtune.data.pipeline import (augmented_examples, collated_batches, epoch
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.reports import Report
-from shardtune.partitions import gathered_for_forward, is_partitioned, largest_trainable
+from shardtune.partitions import gathered_for_forward, is_partitioned, largest_trainable, live_parameters
 from shardtune.sharding import deepspeed_config, partitioned_loading, prepare_deepspeed
 from shardtune.tasks import Can, get_task, kind_of
 
@@ -155,6 +155,7 @@ def setup(recipe: Recipe, reporter: Reporter, rank: int, world: int, device: tor
         w.total_steps = tr.max_steps or tr.epochs * w.steps_per_epoch
         w.epochs = math.ceil(w.total_steps / w.steps_per_epoch)
         w.engine = build_engine(w, model)
+    telemetry.release_host_memory()
     telemetry.reset_peak_memory(device)  # the training peak, apart from the loading peak
     resume(w, reporter.latest_checkpoint(work_dir))
     return w
@@ -195,7 +196,8 @@ def build_engine(w: Worker, model: torch.nn.Module):
     import deepspeed
 
     config = deepspeed_config(w.recipe, w.world, on_gpu=w.device.type == "cuda",
-                              keep_whole=largest_trainable(model) if is_peft(w.recipe) else 0)
+                              keep_whole=largest_trainable(model) if is_peft(w.recipe) else 0,
+                              live_parameters=live_parameters(w.total, w.shape.layers))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 

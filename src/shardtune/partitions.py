@@ -39,3 +39,11 @@ def largest_trainable(model) -> int:
     sizes = [n for p in model.parameters() if p.requires_grad
              if (n := getattr(p, "ds_numel", p.numel())) <= KEEP_WHOLE_CAP]
     return max(sizes, default=0)
+
+
+def live_parameters(total: int, layers: int) -> int:
+    """How many gathered parameters ZeRO-3 keeps alive at once: two layers' worth (the one
+    computing and the one prefetched), at most DeepSpeed's default of 1e9 (which a 70 B
+    model's layers reach) and at least 1e7 (tiny models gain nothing from less)."""
+    per_layer = total / max(layers, 1)
+    return int(min(1e9, max(1e7, 2 * per_layer)))

@@ -5,7 +5,7 @@ gives exact counts of frozen, quantised and trainable parameters; the config giv
 shapes that activations and logits follow. Per worker, in bytes (W workers, p bytes per
 element of the training precision, d of the backbone's dtype):
 
-  frozen weights    unquantised: N_frozen x d (ZeRO-3: / W); 4-bit: 0.5 B per weight plus
+  frozen weights    unquantised: N_frozen x d (ZeRO-3: / W, plus two layers gathered); 4-bit: 0.5 B per weight plus
                     one fp32 scale per 64 (double quantisation: 8-bit scales, fp32 per 256);
                     int8: 1 B per weight plus an fp32 scale per output row
   trainable         N_t x p; under ZeRO-3 an adapter stays whole (persistence threshold),
@@ -32,6 +32,8 @@ Loading is not in it: the run summary reports its peak apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from shardtune.partitions import live_parameters
 
 MB = 2**20
 CPU_FRAMEWORK_MB = 600
@@ -84,7 +86,9 @@ def estimate(counts: Counts, recipe, choice: Choice, workers: int, on_gpu: bool)
 
     frozen = counts.frozen * (p if z == 3 or p != d else d)  # DeepSpeed casts floats to the precision
     if z == 3:
-        frozen /= w
+        # A 1/W partition, plus the layers gathered at a time (partitions.live_parameters).
+        total = counts.frozen + counts.quantised + counts.trainable
+        frozen = frozen / w + min(live_parameters(total, counts.layers), counts.frozen) * p
     if q.mode in ("nf4", "fp4"):
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
         frozen += counts.quantised * per_weight

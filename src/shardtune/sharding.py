@@ -16,13 +16,15 @@ from shardtune.recipe import Recipe
 PERSISTENCE_FLOOR = 100_000
 
 
-def deepspeed_config(recipe: Recipe, world_size: int, *, on_gpu: bool = False, keep_whole: int = 0) -> dict:
+def deepspeed_config(recipe: Recipe, world_size: int, *, on_gpu: bool = False, keep_whole: int = 0,
+                     live_parameters: int | None = None) -> dict:
     """The DeepSpeed config dict for a recipe and a world size.
 
     Batch sizes are explicit numbers: "auto" only works inside the HF Trainer. The
     optimizer and scheduler are torch objects handed to `deepspeed.initialize`, so
     the config names neither (naming one makes DeepSpeed compile FusedAdam/CPUAdam).
-    `keep_whole`: the largest trainable parameter's size (see largest_trainable).
+    `keep_whole`: the largest trainable parameter's size (see partitions.largest_trainable);
+    `live_parameters`: how many gathered parameters ZeRO-3 may keep (partitions.live_parameters).
     """
     tr, sh = recipe.train, recipe.sharding
     zero: dict = {"stage": sh.zero_stage}
@@ -37,6 +39,12 @@ def deepspeed_config(recipe: Recipe, world_size: int, *, on_gpu: bool = False, k
         # instead of an all-gather for each of hundreds of matrices per forward and backward.
         zero.update(stage3_param_persistence_threshold=max(PERSISTENCE_FLOOR, keep_whole),
                     stage3_gather_16bit_weights_on_model_save=True)
+        if live_parameters is not None:
+            # DeepSpeed keeps up to 1e9 gathered parameters alive, and keeps a layer's gathered
+            # between its forward and backward if less than 1e9 are used in between: for a
+            # model under ~1 B parameters per rank that is the whole model, gathered on every
+            # rank, and ZeRO-3 would save nothing.
+            zero.update(stage3_max_live_parameters=live_parameters, stage3_max_reuse_distance=live_parameters)
     if sh.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if sh.offload_params:

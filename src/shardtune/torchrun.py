@@ -117,7 +117,9 @@ def run_in_group(recipe, started: float | None = None) -> int:
     (output / rundir.STOP_FILE).unlink(missing_ok=True)  # a request from an earlier attempt is spent
     reporter = LocalReporter(output)
     train_worker(recipe.model_dump(mode="json"), reporter)
-    if not (output / rundir.HISTORY).exists():  # stopped: the checkpoint is in OUTPUT/checkpoint
+    finished = (output / rundir.HISTORY).exists()
+    dist.barrier()  # every rank has looked before rank 0 turns history.json into metrics.json
+    if not finished:  # stopped: the checkpoint is in OUTPUT/checkpoint
         if dist.get_rank() == 0:
             print(f"stopped; run the same command again to resume from {output / 'checkpoint'}", file=sys.stderr)
         return 3

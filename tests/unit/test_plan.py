@@ -49,9 +49,12 @@ def test_fp32_zero0_by_hand():
 
 
 def test_zero_stages_divide_what_they_partition():
-    r2 = estimate(COUNTS, recipe(zero=2), Choice(2, False, False, False), workers=4, on_gpu=True)
-    r3 = estimate(COUNTS, recipe(zero=3), Choice(3, False, False, False), workers=4, on_gpu=True)
-    assert r2["frozen_weights"] == 4_000_000 and r3["frozen_weights"] == 1_000_000  # the backbone: / W
+    big = Counts(**{**COUNTS.__dict__, "frozen": 10**9 - 10_000, "layers": 100})
+    r2 = estimate(big, recipe(zero=2), Choice(2, False, False, False), workers=4, on_gpu=True)
+    r3 = estimate(big, recipe(zero=3), Choice(3, False, False, False), workers=4, on_gpu=True)
+    assert r2["frozen_weights"] == 4 * (10**9 - 10_000)
+    # A quarter of the backbone, plus two of its 100 layers gathered at a time.
+    assert r3["frozen_weights"] == 4 * (10**9 - 10_000) / 4 + 2 * 10**7 * 4
     assert r2["gradients"] == r3["gradients"] == 10_000 * 4 / 4
     assert r3["trainable_weights"] == 10_000 * 4  # an adapter stays whole under ZeRO-3
     offloaded = estimate(COUNTS, recipe(zero=3), Choice(3, True, True, False), workers=4, on_gpu=True)
