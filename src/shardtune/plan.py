@@ -187,9 +187,7 @@ def model_counts(recipe) -> Counts:
 
     task = get_task(recipe)
     kind = kind_of(recipe)
-    if kind.can(Can.CLASS_LABELS) and getattr(task, "labels", None) is None:
-        task.labels = ["0", "1"]  # the head's size barely matters; the data is not read to plan
-    model = backbone.meta_model(recipe, task)
+    model = backbone.meta_model(recipe, task)  # label heads get placeholder labels: the data is not read
     if hasattr(model, "tie_weights"):  # built from a config on meta: tie as from_pretrained would
         model.tie_weights()
     linear_weights = {id(m.weight): (m.out_features, name) for name, m in model.named_modules()
