@@ -215,3 +215,35 @@ def test_the_chunked_token_loss_equals_the_whole_vocabulary_loss(dtype):
     whole = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
     for chunk in (1, 3 * 50 * 4, 10**9):  # one position at a time, four at a time, all at once
         torch.testing.assert_close(token_nll(logits, labels, chunk_elements=chunk), whole)
+
+
+# ------------------------------------------------------------ collation in DataLoader workers
+def test_dataloader_workers_collate_the_same_batches_from_the_memory_mapped_cache(tiny_bert, tmp_path,
+                                                                                    monkeypatch):
+    """train.dataloader_workers > 0: the examples (memory-mapped from the Arrow cache) and the
+    task travel to a worker process, which yields the very batches the training process
+    would have collated itself, in order."""
+    from transformers import AutoTokenizer
+
+    import tiny_models
+    from shardtune.data import cache, read_rows
+    from shardtune.data.pipeline import collated_batches, epoch_micro_batches
+    from shardtune.tasks import get_task
+
+    data = tiny_models.write_jsonl(tmp_path / "d.jsonl", tiny_models.sentiment_rows(40, 3))
+    r = validate_recipe({"model": {"path": str(tiny_bert)}, "data": {"train": str(data), "max_length": 32},
+                         "output": {"dir": str(tmp_path / "run")}})
+    task, tokenizer = get_task(r), AutoTokenizer.from_pretrained(tiny_bert)
+    rows = read_rows(r.data.train)
+    task.fit_labels(rows)
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(tmp_path / "cache"))
+    cache.write("loader", {"train": task.encode(rows, tokenizer)}, {})
+    stored = cache.read("loader")[0]["train"]
+    micro = epoch_micro_batches(len(stored), 2, 0, 4, 1, seed=0, epoch=0)
+    here = list(collated_batches(stored, micro, task, tokenizer, workers=0, pin=False))
+    there = list(collated_batches(stored, micro, task, tokenizer, workers=1, pin=False))
+    assert len(here) == len(there) == len(micro) == 5
+    for (size_a, a), (size_b, b) in zip(here, there):
+        assert size_a == size_b and a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
