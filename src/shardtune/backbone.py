@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from shardtune import quantization
+from shardtune.partitions import full_numel
 from shardtune.sources import resolve_local
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,7 +176,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     of a uint8 (or more per element of a float storage dtype): counted as the weights they
     stand for."""
     def size(p):
-        n = getattr(p, "ds_numel", None) or p.numel()
+        n = full_numel(p)
         quant_state = getattr(p, "quant_state", None)
         return quant_state.shape.numel() if quant_state is not None and hasattr(quant_state, "shape") else n
     trainable = sum(size(p) for p in model.parameters() if p.requires_grad)

@@ -56,6 +56,3 @@ def backend(device: torch.device) -> str:
     """NCCL reduces only CUDA tensors; gloo reduces CPU tensors."""
     return "nccl" if device.type == "cuda" else "gloo"
 
-
-def precision_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

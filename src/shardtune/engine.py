@@ -35,7 +35,8 @@ from shardtune.data.pipeline import (augmented_examples, collated_batches, epoch
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.reports import Report
-from shardtune.partitions import gathered_for_forward, is_partitioned, largest_trainable, live_parameters
+from shardtune.partitions import (gathered_for_forward, held_numel, is_partitioned, largest_trainable,
+                                  live_parameters)
 from shardtune.sharding import deepspeed_config, partitioned_loading, prepare_deepspeed
 from shardtune.tasks import Can, get_task, kind_of
 
@@ -143,7 +144,7 @@ def setup(recipe: Recipe, reporter: Reporter, rank: int, world: int, device: tor
     with partitioned_loading(recipe, world):  # ZeRO-3: each rank holds only its partition from the start
         model = build_model(w)
         w.trainable, w.total = backbone.count_parameters(model)
-        w.held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+        w.held = held_numel(model)
         w.shape = telemetry.ModelShape.of(model)
         w.load_peak = telemetry.peak_memory_mb(device)
         log(f"model ready: {w.trainable:,} trainable of {w.total:,} parameters "

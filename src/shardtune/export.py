@@ -6,12 +6,11 @@ the run directory's layout and names are rundir.py's.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 
 from shardtune.errors import RunError
+from shardtune.partitions import whole
 from shardtune.rundir import TASK_STATE
 from shardtune.tasks import get_task
 
@@ -30,14 +29,7 @@ def save_trained(engine, directory: Path, *, is_peft: bool, zero_stage: int, is_
         if is_main:
             model.save_pretrained(directory / "model", state_dict=state_dict, safe_serialization=True)
         return
-    params = [p for p in model.parameters() if p.requires_grad] if is_peft else list(model.parameters())
-    if zero_stage == 3:
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    else:
-        gathered = nullcontext()
-    with gathered:
+    with whole([p for p in model.parameters() if p.requires_grad]):  # the adapter, under ZeRO-3
         if is_main:
             model.save_pretrained(directory / ("adapter" if is_peft else "model"), safe_serialization=True)
 

@@ -7,9 +7,23 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 
+def partitioned(params) -> bool:
+    """True for parameters made inside zero.Init (they carry DeepSpeed's ds_id)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
 def is_partitioned(model) -> bool:
-    """True for a model built inside zero.Init (its parameters carry DeepSpeed's ds_id)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    return partitioned(model.parameters())
+
+
+def full_numel(param) -> int:
+    """A parameter's full size: a partitioned one holds an empty placeholder (ds_numel)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def held_numel(model) -> int:
+    """Elements this rank holds: its partition of partitioned parameters, all of the rest."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
 def gathered_for_forward(model):
@@ -21,7 +35,7 @@ def gathered_for_forward(model):
 def whole(params: list):
     """Read partitioned parameters whole on every rank inside the block (soft tokens
     initialised from the embedding table); a no-op for parameters that are not partitioned."""
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not partitioned(params):
         return nullcontext()
     import deepspeed
 
@@ -37,7 +51,7 @@ def largest_trainable(model) -> int:
     """Elements of the largest trainable parameter up to KEEP_WHOLE_CAP: under ZeRO-3 every
     parameter up to this size stays whole (pass 0 for full fine-tuning)."""
     sizes = [n for p in model.parameters() if p.requires_grad
-             if (n := getattr(p, "ds_numel", p.numel())) <= KEEP_WHOLE_CAP]
+             if (n := full_numel(p)) <= KEEP_WHOLE_CAP]
     return max(sizes, default=0)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardtune.partitions import live_parameters
+from shardtune.telemetry import config_dimensions, text_config
 
 MB = 2**20
 CPU_FRAMEWORK_MB = 600
@@ -208,12 +209,10 @@ def model_counts(recipe) -> Counts:
             rows += linear_weights[id(param)][0]
         else:
             frozen += n
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model")
+    config = text_config(model.config)
+    layers, hidden = config_dimensions(config)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    layers = getattr(config, "num_hidden_layers", None) or (getattr(config, "num_layers", 0) +
-                                                            (getattr(config, "num_decoder_layers", 0) or 0))
     intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * hidden)
     generates = kind.can(Can.GENERATE)
     gated = any(name.endswith(("gate_proj", "wi_0")) for name, _ in model.named_modules())

@@ -47,18 +47,29 @@ class ModelShape:
                 total += n
                 if module.weight.requires_grad:
                     trainable += n
-        config = getattr(model, "config", None)
-        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-        layers = (getattr(text, "num_hidden_layers", None) or
-                  (getattr(text, "num_layers", 0) + (getattr(text, "num_decoder_layers", 0) or 0)))
-        hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", 0)
-        return cls(total, trainable, int(layers or 0), int(hidden or 0))
+        layers, hidden = config_dimensions(getattr(model, "config", None))
+        return cls(total, trainable, layers, hidden)
 
     def flops(self, tokens: int, sequences: int, sequence_length: int) -> float:
         """Training FLOPs of one micro-batch of `sequences` padded to `sequence_length`."""
         per_token = 4 * self.matmul_weights + 2 * self.trainable_matmul_weights
         attention = 12 * self.layers * self.hidden * sequence_length ** 2 * sequences
         return float(per_token * tokens + attention)
+
+
+def text_config(config):
+    """The language model's config (a multimodal config nests it)."""
+    return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+
+
+def config_dimensions(config) -> tuple[int, int]:
+    """(layers, hidden width) under the names the model families use: Llama/BERT's
+    num_hidden_layers and hidden_size; T5's encoder plus decoder layers and d_model."""
+    text = text_config(config)
+    layers = (getattr(text, "num_hidden_layers", None) or
+              (getattr(text, "num_layers", 0) or 0) + (getattr(text, "num_decoder_layers", 0) or 0))
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", 0)
+    return int(layers or 0), int(hidden or 0)
 
 
 def peak_tflops(device: torch.device) -> float | None:

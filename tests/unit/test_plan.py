@@ -15,7 +15,7 @@ from matrix_cells import cell_recipe
 from shardtune import compat
 from shardtune.cli import app
 from shardtune.errors import RecipeError
-from shardtune.plan import MB, Choice, Counts, estimate, model_counts, parse_memory, plan
+from shardtune.plan import Choice, Counts, estimate, model_counts, parse_memory, plan
 from shardtune.recipe import validate_recipe
 
 FAKE = {"bert": "/nowhere/bert", "llama": "/nowhere/llama", "t5": "/nowhere/t5",
@@ -149,4 +149,3 @@ def test_plan_json_and_table(tiny_recipe, tmp_path):
     assert result.exit_code == 0 and "recommended: ZeRO-0, no checkpointing" in result.output, result.output
     result = cli.invoke(app, ["plan", str(path), "--gpu-memory", "lots"])
     assert result.exit_code == 2 and "give a size such as 80GB" in result.output
-    assert MB == 2**20

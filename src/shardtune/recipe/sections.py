@@ -13,6 +13,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 import shardtune.tasks  # noqa: F401  (each task module registers itself)
 from shardtune.adapters.registry import adapter_families
 from shardtune.data.schema import DATA_FORMATS, AugmentSection, DataSection, DataSource  # noqa: F401 (re-exported)
+from shardtune.quantization import PRECISION_DTYPES
 from shardtune.schema import Beta, Section
 from shardtune.tasks.registry import task_kinds
 
@@ -170,7 +171,7 @@ class Recipe(Section):
         if self.sharding.precision == "auto":
             self.sharding.precision = "bf16" if self.cluster.gpus_per_worker else "fp32"
         if self.model.dtype == "auto":
-            self.model.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.sharding.precision]
+            self.model.dtype = PRECISION_DTYPES[self.sharding.precision]
         return self
 
     def to_yaml(self) -> str:
