@@ -15,47 +15,28 @@ Target (issue 15): checkpointing lowers the per-worker peak by at least 1 GB.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
+from common import ROOT, torchrun, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 RECIPE = ROOT / "recipes" / "smollm2_bbc_text.yaml"
 
 
-def run(checkpointing: bool, work: Path) -> dict:
-    out = work / f"out-{'checkpointed' if checkpointing else 'plain'}"
-    shutil.rmtree(out, ignore_errors=True)  # torchrun would resume a run it finds
+def run(checkpointing: bool) -> dict:
+    out = ROOT / "bench" / ".work" / "checkpointing" / f"out-{'checkpointed' if checkpointing else 'plain'}"
     overrides = ["data.max_length=512", "train.micro_batch_size=4", "data.max_train_examples=40",
                  "data.max_eval_examples=4", "train.max_steps=5", "train.warmup_steps=0",
                  "train.eval_before_training=false", "train.log_every_steps=1",
-                 f"train.gradient_checkpointing={str(checkpointing).lower()}", f"output.dir={out}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false"}
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "shardtune.torchrun", str(RECIPE), *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"run failed ({proc.returncode})")
-    summary = json.loads((out / "metrics.json").read_text())["summary"]
+                 f"train.gradient_checkpointing={str(checkpointing).lower()}"]
+    metrics, wall = torchrun(RECIPE, overrides, out)
+    summary = metrics["summary"]
     keys = ("peak_memory_mb_per_worker", "load_peak_memory_mb_per_worker", "steady_step_s", "tokens_per_s",
             "train_examples")
-    return {**{k: summary[k] for k in keys}, "wall_seconds": round(time.perf_counter() - started, 1)}
+    return {**{k: summary[k] for k in keys}, "wall_seconds": round(wall, 1)}
 
 
 def main() -> None:
-    work = ROOT / "bench" / ".work" / "checkpointing"
-    work.mkdir(parents=True, exist_ok=True)
-    plain, checkpointed = run(False, work), run(True, work)
+    plain, checkpointed = run(False), run(True)
     saved = [a - b for a, b in zip(plain["peak_memory_mb_per_worker"], checkpointed["peak_memory_mb_per_worker"])]
-    result = {
+    write_result("checkpointing", {
         "setup": "SmolLM2-135M (GGUF, dequantised to fp32), LoRA r=8 all projections, seq 512, micro-batch 4, "
                  "2 workers (torchrun), ZeRO-2, fp32, CPU (2 cores)",
         "plain": plain, "checkpointed": checkpointed,
@@ -63,11 +44,7 @@ def main() -> None:
         "step_time_ratio": round(checkpointed["steady_step_s"] / plain["steady_step_s"], 3),
         "target": "checkpointing lowers each worker's peak by at least 1 GB",
         "target_met": min(saved) >= 1024,
-        "measured": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkpointing.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    })
 
 
 if __name__ == "__main__":

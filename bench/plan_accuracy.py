@@ -15,41 +15,19 @@ recipes it wrote. Target (issue 15): every case within 20 %.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from common import RESULTS, ROOT, shardtune, torchrun, write_result
+
 SHORT = ["train.max_steps=4", "train.warmup_steps=0", "train.eval_before_training=false", "data.max_eval_examples=32"]
 CASES = {  # name -> recipe, overrides
     "quickstart": ("recipes/quickstart.yaml", []),
     "sst2": ("recipes/sst2.yaml", ["data.max_train_examples=2000"]),
     "smollm2_sst2_instruct": ("recipes/smollm2_sst2_instruct.yaml", ["data.max_train_examples=200"]),
 }
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-       "TOKENIZERS_PARALLELISM": "false"}
 
 
 def predicted(recipe: str, overrides: list[str]) -> float:
-    proc = subprocess.run([sys.executable, "-m", "shardtune.cli", "plan", recipe, *overrides, "--json"], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"plan failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout)["predicted_peak_mb_per_worker"]
-
-
-def measured(recipe: str, overrides: list[str], out: Path) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "shardtune.torchrun", recipe, *overrides, f"output.dir={out}"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{recipe} failed: {(proc.stdout + proc.stderr)[-3000:]}")
-    return json.loads((out / "metrics.json").read_text())["summary"]
+    return json.loads(shardtune("plan", recipe, *overrides, "--json"))["predicted_peak_mb_per_worker"]
 
 
 def compare(name: str, prediction: float, peaks: list[float]) -> dict:
@@ -65,8 +43,8 @@ def main() -> None:
     cases = {}
     for name, (recipe, extra) in CASES.items():
         overrides = [*SHORT, *extra]
-        summary = measured(recipe, overrides, work / name)
-        cases[name] = compare(name, predicted(recipe, overrides), summary["peak_memory_mb_per_worker"])
+        metrics, _ = torchrun(ROOT / recipe, overrides, work / name)
+        cases[name] = compare(name, predicted(recipe, overrides), metrics["summary"]["peak_memory_mb_per_worker"])
         print(name, cases[name], flush=True)
     zero3 = RESULTS / "zero3_memory.json"
     if zero3.exists():
@@ -78,11 +56,8 @@ def main() -> None:
                                                         runs[stage]["peak_memory_mb_per_worker"])
     result = {"setup": "2 workers (torchrun) on a 2-core CPU, a few steps each; measured: the larger worker's "
                        "training peak (resident memory after the engine was built)",
-              "cases": cases, "all_within_20_percent": all(c["within_20_percent"] for c in cases.values()),
-              "measured": time.strftime("%Y-%m-%d %H:%M")}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "plan_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+              "cases": cases, "all_within_20_percent": all(c["within_20_percent"] for c in cases.values())}
+    write_result("plan_accuracy", result)
 
 
 if __name__ == "__main__":

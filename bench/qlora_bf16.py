@@ -21,47 +21,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from common import ROOT, shardtune, torchrun, write_result
+
 RECIPE = ROOT / "recipes" / "smollm2_sst2_qlora.yaml"
 
 
 def main() -> None:
-    work = ROOT / "bench" / ".work" / "qlora_bf16"
-    out = work / "run"
-    shutil.rmtree(out, ignore_errors=True)  # torchrun would resume a run it finds
-    work.mkdir(parents=True, exist_ok=True)
+    out = ROOT / "bench" / ".work" / "qlora_bf16" / "run"
     overrides = ["sharding.precision=bf16", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16",
                  "data.max_train_examples=96", "data.max_eval_examples=48", "train.max_steps=8",
                  "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every_steps=1",
-                 "train.eval_every_steps=4", f"output.dir={out}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false"}
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "shardtune.torchrun", str(RECIPE), *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"run failed ({proc.returncode})")
-    train_seconds = time.perf_counter() - started
-    metrics = json.loads((out / "metrics.json").read_text())
+                 "train.eval_every_steps=4"]
+    metrics, train_seconds = torchrun(RECIPE, overrides, out)
     losses = [h["loss"] for h in metrics["history"]]
-    scored = subprocess.run([sys.executable, "-m", "shardtune.cli", "eval", str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
-    if scored.returncode != 0:
-        sys.stderr.write(scored.stdout[-3000:] + scored.stderr[-3000:])
-        raise SystemExit(f"shardtune eval failed ({scored.returncode})")
-    reloaded = json.loads(scored.stdout)
+    reloaded = json.loads(shardtune("eval", str(out)))
     final = metrics["final"]["loss"]
-    result = {
+    write_result("qlora_bf16", {
         "setup": "SmolLM2-135M NF4 (double quant), bf16 compute and storage, LoRA all-linear, ZeRO-3, bf16, "
                  "2 workers (torchrun), 96 examples, 8 steps, micro-batch 4, CPU (2 cores)",
         "validation_loss_per_evaluation": losses,
@@ -73,11 +49,7 @@ def main() -> None:
                     "reload_matches_within_1_percent": abs(reloaded["loss"] - final) <= 0.01 * final},
         "summary": {k: metrics["summary"][k] for k in ("peak_memory_mb_per_worker", "steady_step_s",
                                                         "tokens_per_s", "total_parameters")},
-        "measured": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "qlora_bf16.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -24,18 +24,13 @@ glibc's mmap threshold fixed at 1 MB (see below). Loading peaks are reported apa
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from common import ROOT, torchrun, write_result
+
 MODELS = ROOT / "bench" / ".models"
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -77,22 +72,13 @@ def recipe(model: Path, data: Path, out: Path, zero: int, steps: int) -> dict:
 
 
 def run(raw: dict, work: Path, name: str, extra_env: dict | None = None) -> dict:
-    path = work / f"{name}.yaml"
-    shutil.rmtree(raw["output"]["dir"], ignore_errors=True)  # torchrun would resume a run it finds
+    path = work / f"{name}.yaml"  # kept: bench/plan_accuracy.py plans the same recipes
     path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", "SHARDTUNE_CACHE": str(work / "cache"), **(extra_env or {})}
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "-m", "shardtune.torchrun", str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"{name} failed ({proc.returncode})")
-    summary = json.loads((Path(raw["output"]["dir"]) / "metrics.json").read_text())["summary"]
+    metrics, wall = torchrun(path, [], Path(raw["output"]["dir"]),
+                             env={"SHARDTUNE_CACHE": str(work / "cache"), **(extra_env or {})})
     keys = ("total_parameters", "trainable_parameters", "parameters_held_per_worker", "load_peak_memory_mb_per_worker",
             "peak_memory_mb_per_worker", "steady_step_s", "tokens_per_s", "flops_per_s_per_worker")
-    return {**{k: summary[k] for k in keys}, "wall_seconds": round(wall, 1)}
+    return {**{k: metrics["summary"][k] for k in keys}, "wall_seconds": round(wall, 1)}
 
 
 def main() -> None:
@@ -126,11 +112,8 @@ def main() -> None:
         "saved_mb": round(saved), "saved_fraction_of_fp32_model": round(saved / fp32_mb, 3),
         "target": "ZeRO-3's summed worker training peak at least 40% of the fp32 model's size below ZeRO-2's",
         "target_met": saved >= 0.4 * fp32_mb,
-        "measured": time.strftime("%Y-%m-%d %H:%M"),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "zero3_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("zero3_memory", result)
 
 
 if __name__ == "__main__":
