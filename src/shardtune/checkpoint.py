@@ -5,7 +5,8 @@ A checkpoint folder holds:
                           read back with torch.load(weights_only=True) and an allow-list of
                           the few plain-data classes DeepSpeed pickles into it
   trainstate.json         epochs done, micro-batches done in the current epoch, the
-                          evaluation history, the seed and the recipe's fingerprint
+                          evaluation history, the logged steps, the seed and the recipe's
+                          fingerprint
   rank-N.safetensors      each rank's torch RNG state and running loss
 
 A checkpoint in a shared run folder is a way into every node: anyone who can write a
@@ -39,6 +40,7 @@ class TrainState:
     epoch: int                      # epochs finished
     micro_batches_done: int = 0     # in epoch `epoch` (a mid-epoch stop), else 0
     history: list = field(default_factory=list)
+    steps: list = field(default_factory=list)   # the logged steps (loss, lr, tokens/s): the report's curves
     seed: int = 0
     fingerprint: str = ""
 

@@ -1,4 +1,5 @@
-"""The `shardtune` command: validate, plan, run, eval, predict, generate, merge, submit, jobs, slurm."""
+"""The `shardtune` command: validate, plan, run, eval, predict, generate, chat, report, merge, recipes,
+submit, jobs, slurm."""
 
 from __future__ import annotations
 
@@ -19,6 +20,24 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Distributed, parameter-efficient fine-tuning from one YAML recipe.")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # no wrapping: messages carry paths users grep for
+
+def _say(text: str) -> None:
+    err.print(text, markup=False, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"shardtune {version('shardtune')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                           help="print shardtune's version and exit")) -> None:
+    """Distributed, parameter-efficient fine-tuning from one YAML recipe."""
+
 
 RecipeArg = typer.Argument(..., help="recipe YAML file", show_default=False)
 OverridesArg = typer.Argument(None, help="overrides: section.key=value ...", show_default=False)
@@ -138,10 +157,24 @@ def evaluate(run_dir: Path = RunOrRecipeArg,
              overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
              batch_size: int = typer.Option(32, min=1)) -> None:
     """Score a trained run, or a prompt recipe zero-shot, on a file; print the metrics as JSON."""
-    loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=True,
-                                             overrides=overrides or [])
+    from shardtune import scoring
+
+    loaded, rows, examples, outputs = scoring.infer(run_dir, data, format, batch_size, with_targets=True,
+                                                    overrides=overrides or [], say=_say)
     metrics = loaded.task.metrics(outputs, examples)
-    print(json.dumps({"data": str(data or "validation split"), "examples": len(examples), **metrics}, indent=2))
+    print(json.dumps({"data": str(data or "validation split"), "examples": len(examples), **metrics,
+                      **_absent_labels(loaded, examples)}, indent=2))
+
+
+def _absent_labels(loaded, examples) -> dict:
+    """Labels the run knows that the scored rows never carry: macro-F1 leaves them out."""
+    from shardtune.tasks import Can, kind_of
+
+    if not kind_of(loaded.recipe).can(Can.CLASS_LABELS):
+        return {}
+    present = {e.target for e in examples}
+    absent = [label for i, label in enumerate(loaded.task.labels) if i not in present]
+    return {"labels_absent_from_data": absent} if absent else {}
 
 
 @app.command()
@@ -153,12 +186,14 @@ def predict(run_dir: Path = RunOrRecipeArg,
             overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
             batch_size: int = typer.Option(32, min=1)) -> None:
     """Write one prediction per input row as JSON lines."""
-    if _generates(run_dir):  # language models: predict means generate
-        loaded, rows = _load_rows(run_dir, data, format, overrides=overrides or [])
+    from shardtune import scoring
+
+    if scoring.generates(run_dir):  # language models: predict means generate
+        loaded, rows = scoring.load_rows(run_dir, data, format, overrides=overrides or [], say=_say)
         records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, batch_size=batch_size)
     else:
-        loaded, rows, examples, outputs = _infer(run_dir, data, format, batch_size, with_targets=False,
-                                                 overrides=overrides or [])
+        loaded, rows, examples, outputs = scoring.infer(run_dir, data, format, batch_size, with_targets=False,
+                                                        overrides=overrides or [], say=_say)
         records = loaded.task.predictions(outputs, examples, rows)
     # Write to a temporary name first: an interrupted predict leaves no truncated file.
     partial = out_file.with_name(out_file.name + ".partial")
@@ -205,6 +240,92 @@ def merge(run_dir: Path = typer.Argument(..., help="a finished run's output dire
     written = merge_run(run_dir, out_dir)
     err.print(f"wrote the merged model to {written} (load it with from_pretrained; pass a "
               "BitsAndBytesConfig to quantise it again)", markup=False)
+
+
+@app.command()
+@_command
+def chat(run_dir: Path = typer.Argument(..., help="a finished causal-LM run's output directory"),
+         max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
+    """Talk to a tuned causal LM: one message per line, with the chat template when the run
+    used one (the conversation so far goes with each message); an empty line or Ctrl-D ends."""
+    from shardtune.inference import load_run
+    from shardtune.tasks import Can, kind_of, task_kinds
+
+    loaded = load_run(run_dir)
+    if not kind_of(loaded.recipe).can(Can.CHAT):
+        able = " or ".join(kind.type for kind in task_kinds() if kind.can(Can.CHAT))
+        raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; chat needs a {able} run")
+    conversation: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            err.print("[bold]you>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        answer, conversation = loaded.task.reply(loaded.model, loaded.tokenizer, conversation, line.strip(),
+                                                 max_new_tokens=max_new_tokens)
+        print(answer if not interactive else f"model> {answer}", flush=True)
+
+
+@app.command()
+@_command
+def report(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
+           data: Optional[Path] = typer.Option(None, help="score this file for the tables (default: the run's own "
+                                                          "validation split)"),
+           format: Optional[str] = typer.Option(None, help="override the data format"),
+           plots_only: bool = typer.Option(False, "--plots-only", help="only what the run's files hold (plots, "
+                                                                        "metrics, recipe): load no model"),
+           samples: int = typer.Option(8, min=1, help="rows generated for the report of a task that generates"),
+           batch_size: int = typer.Option(32, min=1)) -> None:
+    """Write RUN_DIR/report/index.html: plots of loss, learning rate, validation metrics,
+    throughput and memory; the hardware and time; the recipe; and the task's tables
+    (per-class scores, confusion matrix, per-entity F1, EM/F1, sample generations)."""
+    from shardtune import rundir, scoring
+    from shardtune.runreport import write_report
+
+    if not (run_dir / rundir.METRICS).is_file() or not rundir.is_run(run_dir):
+        raise RunError(f"'{run_dir}' is not a finished shardtune run ({rundir.METRICS} is missing); give the "
+                       "output.dir of a run that completed")
+    tables = None
+    if not plots_only:
+        _say("scoring the run's validation split for the tables (--plots-only skips it)" if data is None
+             else f"scoring {data} for the tables")
+        tables = scoring.report_tables(run_dir, data, format, batch_size, samples, say=_say)
+    path = write_report(run_dir, tables, scored_on=None if data is None else str(data))
+    _say(f"wrote {path}")
+
+
+recipes_app = typer.Typer(help="The shipped recipes: list them, copy one to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+@_command
+def recipes_list(ctx: typer.Context) -> None:
+    """List the shipped recipes, a line each (task, model, adapter, data)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from shardtune.catalogue import entries
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("recipe", "task", "model", "adapter", "data", "about"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=None if column == "recipe" else 34)
+    for e in entries():
+        table.add_row(*(escape(v) for v in (e.name, e.task, e.model, e.adapter, e.data, e.about)))
+    out.print(table)
+    _say("copy one to edit: shardtune recipes cp NAME my.yaml; run it: shardtune run my.yaml")
+
+
+@recipes_app.command("cp")
+@_command
+def recipes_cp(name: str = typer.Argument(..., help="a recipe's name, as `shardtune recipes` lists it"),
+               destination: Path = typer.Argument(..., help="a new .yaml file, or a folder to copy it into")) -> None:
+    """Copy a shipped recipe to edit (never overwrites)."""
+    from shardtune.catalogue import copy
+
+    target = copy(name, destination)
+    _say(f"wrote {target}; relative paths in it are read from the directory you run shardtune in")
 
 
 AddressOpt = typer.Option(..., "--address", envvar="RAY_JOBS_ADDRESS",
@@ -307,99 +428,6 @@ def jobs_stop(job_id: str, address: str = AddressOpt) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _generates(run_dir: Path) -> bool:
-    from shardtune.recipe import load_raw
-
-    recipe = run_dir if run_dir.is_file() else run_dir / "recipe.yaml"
-    from shardtune.tasks import Can, task_kinds
-
-    if not recipe.is_file():
-        return False
-    kinds = {kind.type: kind for kind in task_kinds()}
-    kind = kinds.get((load_raw(recipe).get("task") or {}).get("type"))
-    return kind is not None and kind.can(Can.GENERATE)
-
-
-def _load(run_dir: Path, overrides: list[str]):
-    """A finished run, or a prompt recipe's untrained model (zero-shot)."""
-    from shardtune.errors import RecipeError
-    from shardtune.inference import load_run, load_zero_shot
-    from shardtune.recipe import load_recipe
-
-    if run_dir.is_file() and run_dir.suffix in (".yaml", ".yml"):
-        return load_zero_shot(load_recipe(run_dir, overrides))
-    # A finished run's model and task are as trained; how the scored file is read may differ.
-    other = [pair for pair in overrides if not pair.split("=", 1)[0].strip().startswith("data.")]
-    if other:
-        raise RecipeError(f"--set {other[0]}: a finished run is evaluated as it was trained; only data.* (how the "
-                       "file is read: data.columns.ROLE=NAME, data.on_bad_row, data.max_length) may be set")
-    return load_run(run_dir, overrides)
-
-
-def _load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_targets: bool = False,
-               overrides: Optional[list[str]] = None):
-    """The file's rows; with the run's `data.on_bad_row: skip`, the bad ones left out and counted.
-    No file with a recipe: the recipe's validation split."""
-    from shardtune.data import read_rows
-    from shardtune.data.pipeline import drop_bad_rows
-    from shardtune.errors import DataError
-
-    if data is not None and not data.exists():
-        raise DataError(f"data file '{data}' does not exist")
-    loaded = _load(run_dir, overrides or [])
-    if data is None:
-        return loaded, _validation_rows(run_dir, loaded)
-    source = loaded.recipe.data.train.model_copy(update={"path": str(data), "format": fmt})
-    if fmt is None and source.resolved_format == "":
-        source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
-    if loaded.recipe.data.on_bad_row == "error":
-        return loaded, read_rows(source, max_chars=loaded.recipe.data.max_chars)
-    bad: list[str] = []
-    rows = drop_bad_rows(read_rows(source, bad, loaded.recipe.data.max_chars), loaded.task, loaded.tokenizer, bad, str(data), with_targets)
-    if bad:
-        err.print(f"data.on_bad_row is skip: left out {len(bad)} bad rows of '{data}'; first: {bad[0]}", markup=False)
-    return loaded, rows
-
-
-def _validation_rows(run_dir: Path, loaded) -> list:
-    """A recipe's validation split; for a finished run, its own, rebuilt from the recorded
-    recipe and checked against the rows the run recorded (the data may have changed since)."""
-    from shardtune.data.pipeline import load_data, rows_fingerprint
-    from shardtune.errors import DataError
-
-    # load_data fits labels on the training rows; a finished run keeps the labels it trained with.
-    trained = None if run_dir.is_file() else loaded.task.state()
-    try:
-        rows = load_data(loaded.recipe, loaded.task, loaded.tokenizer, encode=False).val_rows
-    except DataError as exc:
-        raise DataError(f"cannot rebuild the validation split ({exc.render()}); give --data FILE") from None
-    finally:
-        if trained is not None:
-            loaded.task.load_state(trained)
-    if run_dir.is_file():
-        return rows
-    recorded = json.loads((run_dir / "metrics.json").read_text()).get("summary", {}).get("validation_rows_sha256")
-    if recorded is None:
-        raise DataError(f"'{run_dir}' did not record its validation rows (an older run); give --data FILE")
-    if recorded != rows_fingerprint(rows):
-        raise DataError(f"the data files (or the data.* settings) differ from when '{run_dir}' was trained, so its "
-                        "validation split cannot be rebuilt as it was; give --data FILE to score a file")
-    return rows
-
-
-def _infer(run_dir: Path, data: Optional[Path], fmt: Optional[str], batch_size: int, *, with_targets: bool,
-           overrides: Optional[list[str]] = None):
-    import torch
-
-    from shardtune.inference import forward_outputs
-
-    loaded, rows = _load_rows(run_dir, data, fmt, with_targets, overrides)
-    examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)
-    outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size,
-                              torch.device("cpu"))
-    return loaded, rows, examples, outputs
-
-
 def _print_summary(result) -> None:
     import json as _json
 
@@ -422,6 +450,12 @@ def _print_summary(result) -> None:
               f"time: {summary['wall_seconds']:.0f}s (first step after {summary['time_to_first_step_s']:.0f}s, "
               f"{summary['steady_step_s']}s/step)")
     out.print(f"outputs: {result.output_dir}  (adapter/, tokenizer/, metrics.json, logs/)", markup=False)
+    from shardtune.runreport import index_of
+
+    report = index_of(result.output_dir)
+    if report.is_file():
+        out.print(f"report: {report.as_uri()}  (`shardtune report {result.output_dir}` adds the per-task tables)",
+                  markup=False)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from shardtune.partitions import (gathered_for_forward, held_numel, is_partition
                                   live_parameters)
 from shardtune.sharding import deepspeed_config, partitioned_loading, prepare_deepspeed
 from shardtune.tasks import Can, get_task, kind_of
+from shardtune.tracking import RunLog
 
 EXPORT_DIR = "export"     # the finished run's files inside the final checkpoint
 SCRATCH_PREFIX = "shardtune-rank"
@@ -75,7 +75,7 @@ class Worker:
     world: int
     device: torch.device
     work_dir: Path
-    log: "RunLog"
+    log: RunLog
     task: object
     tokenizer: object
     data: object
@@ -87,7 +87,8 @@ class Worker:
     epochs: int = 0
     started: float = 0.0
     fingerprint: str = ""
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)     # every evaluation's metrics
+    steps: list = field(default_factory=list)       # every logged step: loss, lr, tokens/s (the report's curves)
     start_epoch: int = 0
     resume_micro: int = 0
     resume_tensors: dict = field(default_factory=dict)
@@ -104,13 +105,17 @@ def train_worker(recipe_dict: dict, reporter: Reporter) -> None:
     started = time.perf_counter()
     rank, world, device = setup_distributed(recipe, reporter)
     work_dir = scratch_dir(rank)
-    log = RunLog(work_dir / EXPORT_DIR / rundir.LOGS, enabled=rank == 0)
+    log = RunLog(work_dir / EXPORT_DIR / rundir.LOGS, enabled=rank == 0, recipe=recipe)
+    status = "failed"
     try:
         worker = setup(recipe, reporter, rank, world, device, work_dir, log, started)
         if fit(worker, reporter):
             finish(worker, reporter)
+            status = "finished"
+        else:
+            status = "stopped"
     finally:
-        log.close()
+        log.close(status)
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -129,7 +134,7 @@ def setup_distributed(recipe: Recipe, reporter: Reporter) -> tuple[int, int, tor
 
 
 def setup(recipe: Recipe, reporter: Reporter, rank: int, world: int, device: torch.device, work_dir: Path,
-          log: "RunLog", started: float) -> Worker:
+          log: RunLog, started: float) -> Worker:
     tr, sh = recipe.train, recipe.sharding
     # Seed first so every rank builds the same head and adapter initialisation.
     torch.manual_seed(tr.seed)
@@ -216,6 +221,7 @@ def resume(w: Worker, directory: str | None) -> None:
         return
     state, w.resume_tensors = checkpoint.load(w.engine, Path(directory), w.rank, w.fingerprint)
     w.start_epoch, w.history, w.resume_micro = state.epoch, state.history, state.micro_batches_done
+    w.steps = state.steps
     w.log(f"resumed from the checkpoint after epoch {w.start_epoch}"
           f"{f' and {w.resume_micro} micro-batches' if w.resume_micro else ''} (step {w.engine.global_steps})")
 
@@ -310,7 +316,10 @@ def log_step(w: Worker, epoch: int, step: int, loss: float) -> None:
     tokens_per_s = sum(t[0] for t in w.step_work[recent]) * w.world / max(seconds, 1e-9)
     w.log(f"epoch {epoch + 1}/{w.epochs} step {step}/{w.total_steps} loss {loss:.4f} "
           f"lr {lr:.2e} {w.step_times[-1]:.2f}s/step ~{tokens_per_s:,.0f} tok/s eta {_duration(eta)}")
-    w.log.scalars("train", {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}, step)
+    point = {"step": step, "epoch": round(step / w.steps_per_epoch, 4), "loss": loss, "lr": lr,
+             "tokens_per_s": round(tokens_per_s, 1), "step_s": round(w.step_times[-1], 4)}
+    w.steps.append(point)
+    w.log.scalars("train", point, step)
 
 
 def dataloader_workers(w: Worker) -> int:
@@ -321,7 +330,7 @@ def dataloader_workers(w: Worker) -> int:
 def save_checkpoint(w: Worker, name: str, epoch: int, micro_done: int, loss_sum: torch.Tensor) -> Path:
     """The whole training state, in one place for both the epoch-end and the stop checkpoints."""
     directory = w.work_dir / name
-    state = checkpoint.TrainState(epoch=epoch, micro_batches_done=micro_done, history=w.history,
+    state = checkpoint.TrainState(epoch=epoch, micro_batches_done=micro_done, history=w.history, steps=w.steps,
                                   seed=w.recipe.train.seed, fingerprint=w.fingerprint)
     checkpoint.save(w.engine, directory, state, w.rank,
                     {"rng": torch.get_rng_state(), "loss_sum": loss_sum.detach().cpu()})
@@ -350,7 +359,10 @@ def evaluate(w: Worker, epoch: float, **extra) -> dict:
         raise RecipeError(f"output.keep_best_by: {best!r} is not a metric this task reports; it reports "
                           f"{sorted(k for k in metrics if k not in ('epoch', 'step'))}")
     w.history.append(metrics)
-    w.log.scalars("validation", metrics, w.engine.global_steps)
+    # The epoch's training loss is a training figure: train/epoch_loss, not validation/.
+    w.log.scalars("validation", {k: v for k, v in metrics.items() if k not in extra}, w.engine.global_steps)
+    if "train_loss" in extra:
+        w.log.scalars("train", {"epoch_loss": extra["train_loss"]}, w.engine.global_steps)
     w.log("validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
           + f" (epoch {epoch:g}, step {w.engine.global_steps})")
     return metrics
@@ -391,9 +403,10 @@ def finish(w: Worker, reporter: Reporter) -> None:
     if w.rank == 0:
         w.tokenizer.save_pretrained(out / rundir.TOKENIZER)
         (out / rundir.TASK_STATE).write_text(json.dumps(w.task.state(), indent=2))
-        (out / rundir.HISTORY).write_text(json.dumps({"history": w.history, "summary": summary}, indent=2))
+        (out / rundir.HISTORY).write_text(json.dumps({"history": w.history, "steps": w.steps, "summary": summary},
+                                                     indent=2))
         w.log(f"done: {w.engine.global_steps} steps in {_duration(summary['worker_seconds'])}")
-        w.log.close()  # flushes TensorBoard's events before the reporter copies logs/
+        w.log.close("finished")  # flushes TensorBoard's events before the reporter copies logs/
     reporter.report(Report.final(w.history[-1], summary), str(out) if w.rank == 0 else None)
     dist.barrier()
 
@@ -423,44 +436,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class RunLog:
-    """Progress lines to stdout and logs/train.log, and scalars to TensorBoard (rank 0 only)."""
-
-    def __init__(self, directory: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = self.writer = None
-        if enabled:
-            directory.mkdir(parents=True, exist_ok=True)
-            self.file = open(directory / "train.log", "a", buffering=1)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # a bare GPU image without tensorboard (bench/gpu): the log still has it all
-                self("tensorboard is not installed: scalars go to logs/train.log only (pip install tensorboard)")
-            else:
-                self.writer = SummaryWriter(str(directory / "tensorboard"))
-
-    def __call__(self, message: str) -> None:
-        if self.enabled and self.file is not None:
-            line = f"[shardtune {time.strftime('%H:%M:%S')}] {message}"
-            # sys.stdout directly: Ray Train patches print() and would emit every line twice.
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-            self.file.write(line + "\n")
-
-    def scalars(self, prefix: str, values: dict, step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.file is not None:
-            self.file.close()
-        self.file = self.writer = None
 
 
 def _stop_agreed(reporter, device: torch.device) -> bool:

@@ -40,10 +40,39 @@ def write_metrics(run_dir: Path, recipe, wall_seconds: float) -> dict:
     history, summary = record["history"], record["summary"]
     summary["wall_seconds"] = round(wall_seconds, 2)
     metrics = {"before": history[0] if recipe.train.eval_before_training else None,
-               "final": history[-1], "history": history, "summary": summary}
+               "final": history[-1], "history": history, "steps": record.get("steps", []), "summary": summary}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run_dir / "history.json").unlink()
     return metrics
+
+
+def model_card(run_dir: Path, recipe, out_dir: Path):
+    """The merged model's README.md (Hugging Face's model card format): its base, adapter,
+    recipe and final metrics, and how to load it."""
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = recipe.model.path
+    hub_id = "/" in base and not base.startswith(("package:", "/", ".")) and not Path(base).exists()
+    data = ModelCardData(library_name="transformers", base_model=base if hub_id else None,
+                         tags=["shardtune", recipe.adapter.method, recipe.task.type])
+    metrics_file = run_dir / "metrics.json"
+    final = json.loads(metrics_file.read_text())["final"] if metrics_file.is_file() else {}
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in final.items()
+                      if k not in ("epoch", "step") and isinstance(v, (int, float)))
+    adapter = recipe.adapter.model_dump(mode="json")
+    text = "\n".join([
+        f"---\n{data.to_yaml()}\n---", f"# {run_dir.name} (merged)", "",
+        f"Fine-tuned with shardtune from `{base}`: task `{recipe.task.type}`, adapter "
+        f"`{recipe.adapter.method}` merged into the full-precision base weights, trained for "
+        f"{recipe.train.epochs} epochs at learning rate {recipe.train.learning_rate:g}, inputs cut at "
+        f"{recipe.data.max_length} tokens (the tokenizer's model_max_length).", "",
+        "## Final validation metrics", "", "| metric | value |", "| --- | --- |", rows or "| (none) | |", "",
+        "## Adapter", "", "```yaml", yaml.safe_dump(adapter, sort_keys=False).strip(), "```", "",
+        "## Use", "", "```python", "from transformers import pipeline", "",
+        f"pipe = pipeline(model=\"{out_dir}\", truncation=True)", "```", "",
+        "## Recipe", "", "```yaml", recipe.to_yaml().strip(), "```", ""])
+    return ModelCard(text)
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -86,7 +115,11 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         base = load_model(recipe, task, tokenizer, quantize=False)
         merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
         merged.save_pretrained(staging, safe_serialization=True)
+    # The training length travels with the tokenizer: a plain `pipeline(..., truncation=True)`
+    # then cuts inputs where shardtune did, and predicts what `shardtune predict` predicts.
+    tokenizer.model_max_length = recipe.data.max_length
     tokenizer.save_pretrained(staging)
+    model_card(run_dir, recipe, out_dir).save(staging / "README.md")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above

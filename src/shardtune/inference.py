@@ -49,6 +49,24 @@ class LoadedRun:
     tokenizer: object
     model: torch.nn.Module
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def inference_device() -> torch.device:
+    """Where eval, predict, generate and report run: this machine's GPU when it has one
+    (CUDA_VISIBLE_DEVICES picks which), else its CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _on_device(model: torch.nn.Module) -> torch.nn.Module:
+    # A quantised backbone was loaded onto the GPU by from_pretrained already (device_map).
+    device = inference_device()
+    if next(model.parameters()).device.type != device.type:
+        model = model.to(device)
+    return model
+
 
 def load_run(run_dir: str | Path, data_overrides: list[str] | None = None) -> LoadedRun:
     """Rebuild a trained model from a run directory with plain transformers + peft;
@@ -80,7 +98,7 @@ def load_run(run_dir: str | Path, data_overrides: list[str] | None = None) -> Lo
         raise RunError(f"'{run_dir}' holds neither adapter/ nor model/; the run did not finish")
     if kind_of(recipe).can(Can.WRAP_MODEL):
         model = task.wrap(model, tokenizer, saved=str(saved))
-    model.eval()
+    model = _on_device(model).eval()
     return LoadedRun(recipe, task, tokenizer, model)
 
 
@@ -102,12 +120,12 @@ def load_zero_shot(recipe) -> LoadedRun:
     task = get_task(recipe)
     tokenizer = load_tokenizer(recipe)
     task.check(tokenizer)
-    model = load_model(recipe, task, tokenizer)
+    model = _on_device(load_model(recipe, task, tokenizer))
     if task.verbalizer is None:  # verbalizer: auto
         from shardtune.data.pipeline import load_data
 
         rows = load_data(recipe, task, tokenizer, encode=False).train_rows
         examples = task.encode(rows[:recipe.task.auto_verbalizer.max_examples], tokenizer)
-        task.fit_verbalizer(model, tokenizer, examples, torch.device("cpu"))
-    model = task.wrap(model, tokenizer).eval()
+        task.fit_verbalizer(model, tokenizer, examples, next(model.parameters()).device)
+    model = _on_device(task.wrap(model, tokenizer)).eval()
     return LoadedRun(recipe, task, tokenizer, model)

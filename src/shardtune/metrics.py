@@ -27,10 +27,13 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[str,
 
     predicted = logits.argmax(axis=-1)
     labels = list(range(logits.shape[-1]))
+    # Macro-F1 over the labels this data carries (or that were predicted): a label the run
+    # knows but the file never holds is not a 0 in the average (`eval` names those labels).
+    present = sorted(set(targets.tolist()) | set(predicted.tolist()))
     metrics = {
         "loss": cross_entropy(logits, targets),
         "accuracy": float(accuracy_score(targets, predicted)),
-        "macro_f1": float(f1_score(targets, predicted, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(targets, predicted, labels=present, average="macro", zero_division=0)),
         "mcc": float(matthews_corrcoef(targets, predicted)),
     }
     if len(labels) == 2:

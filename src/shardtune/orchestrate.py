@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardtune import raycluster, rundir
+from shardtune import raycluster, rundir, runreport
 from shardtune.engine import train_worker
 from shardtune.export import write_metrics
 from shardtune.errors import RecipeError, RunError, RunStopped, ShardtuneError
@@ -351,6 +351,7 @@ def _explain_failure(exc: Exception) -> ShardtuneError:
 def _finish(staging: Path, final_dir: Path, recipe: Recipe, final: dict, started: float) -> None:
     """metrics.json, then swap the staging folder into place."""
     final.update(write_metrics(staging, recipe, time.perf_counter() - started)["summary"])
+    runreport.write_at_finish(staging, published=final_dir)  # `shardtune report` adds the task's tables
     if not recipe.output.keep_checkpoints:
         shutil.rmtree(staging / rundir.RAY_DIR, ignore_errors=True)
     rundir.publish(staging, final_dir)

@@ -12,6 +12,7 @@ data folder, a home directory or a source tree that output.dir happened to name.
   recipe.yaml    the recipe as resolved
   metrics.json   every evaluation, the final metrics and the run summary
   logs/          train.log and TensorBoard events
+  report/        index.html and its plots (runreport.py; `shardtune report` adds tables)
   .shardtune-run the marker (JSON: what wrote it, and when)
 """
 
@@ -35,6 +36,7 @@ RECIPE = "recipe.yaml"
 METRICS = "metrics.json"
 HISTORY = "history.json"   # the workers' hand-over, turned into metrics.json by the driver
 LOGS = "logs"
+REPORT = "report"
 STOP_FILE = "STOP"         # created by the launcher to ask the workers to checkpoint and stop
 RAY_DIR = "ray"            # Ray Train's storage (its checkpoints) inside the staging folder
 STAGING_SUFFIX = ".partial"

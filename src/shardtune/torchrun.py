@@ -126,6 +126,9 @@ def run_in_group(recipe, started: float | None = None) -> int:
     if dist.get_rank() == 0:
         (output / rundir.RECIPE).write_text(recipe.to_yaml())
         write_metrics(output, recipe, time.perf_counter() - started)
+        from shardtune.runreport import write_at_finish
+
+        write_at_finish(output)
         if not recipe.output.keep_checkpoints:
             shutil.rmtree(output / "checkpoint", ignore_errors=True)
     dist.barrier()

@@ -100,3 +100,20 @@ def test_generate_with_a_fixed_instruction_answers_each_prompt_as_predict_does(t
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["prompt"] for a in answers] == [r["prompt"] for r in records]
     assert [a["response"] for a in answers] == [r["prediction"] for r in records]
+
+    # chat answers each line as generate does (an instruction recipe carries no conversation).
+    chatted = cli.invoke(app, ["chat", str(tmp_path / "run")], input="\n".join(texts) + "\n\n")
+    assert chatted.exit_code == 0, chatted.output
+    assert chatted.stdout.splitlines()[-2:] == [a["response"] for a in answers]
+
+    # The report of a generating task shows sample generations of the validation split.
+    reported = cli.invoke(app, ["report", str(tmp_path / "run"), "--samples", "3"])
+    assert reported.exit_code == 0, reported.output
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "sample generations" in page and "the first 3 of" in page and "say good o" in page
+
+
+def test_chat_refuses_a_classification_run(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("task: {type: sequence_classification}\n")
+    result = cli.invoke(app, ["chat", str(tmp_path)])
+    assert result.exit_code != 0 and "not a finished shardtune run" in result.output

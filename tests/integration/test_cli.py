@@ -28,7 +28,7 @@ def trained_run(ray_session, tiny_bert, sentiment_data, tmp_path_factory):
                   "learning_rate": 2e-2, "warmup_ratio": 0.0, "eval_every_steps": 25},
         "sharding": {"zero_stage": 2},
         "cluster": {"workers": 2},
-        "output": {"dir": str(folder / "run")},
+        "output": {"dir": str(folder / "run"), "trackers": ["tensorboard", "mlflow"]},
     }
     recipe = write_recipe(folder / "recipe.yaml", raw)
     result = cli.invoke(app, ["run", str(recipe)])
@@ -251,3 +251,101 @@ def test_eval_without_data_scores_the_runs_own_validation_split(trained_run):
     assert scored["accuracy"] == pytest.approx(metrics["final"]["accuracy"])
     other = cli.invoke(app, ["eval", str(run_dir), "--set", "data.validation_split=0.3"])
     assert other.exit_code == 2 and "validation split cannot be rebuilt as it was" in other.output
+
+
+# ------------------------------------------------------------ trackers, report, merge card
+def test_mlflow_and_tensorboard_record_the_run(trained_run):
+    """A real MLflow local store (SQLite beside the run) and TensorBoard's events: the
+    training loss per logged step under train/, the epochs' loss as train/epoch_loss (never
+    under validation/), every evaluation under validation/, the recipe as parameters."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = json.loads((trained_run["dir"] / "metrics.json").read_text())
+    logged = [s["step"] for s in metrics["steps"]]
+    assert logged and logged == sorted(logged) and logged[-1] == metrics["summary"]["steps"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_run['dir'].parent / 'mlflow.db'}")
+    (record,) = client.search_runs([client.get_experiment_by_name("shardtune").experiment_id])
+    assert record.info.status == "FINISHED"
+    assert record.data.params["model.path"] == trained_run["raw"]["model"]["path"]
+    assert [m.step for m in client.get_metric_history(record.info.run_id, "train/loss")] == logged
+    accuracy = client.get_metric_history(record.info.run_id, "validation/accuracy")
+    assert [m.value for m in accuracy] == pytest.approx([h["accuracy"] for h in metrics["history"]])
+    assert "validation/train_loss" not in record.data.metrics and "train/epoch_loss" in record.data.metrics
+
+    events = EventAccumulator(str(trained_run["dir"] / "logs" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/epoch_loss", "validation/accuracy"} <= set(tags)
+    assert "validation/train_loss" not in tags
+
+
+def test_the_run_has_a_report_and_report_adds_the_tables(trained_run, tmp_path):
+    """Every finished run gets report/index.html (plots from its files); `shardtune report`
+    scores the validation split for the per-class table and confusion matrix. The page is
+    rendered in a real headless Chromium and its screenshot checked."""
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    report = trained_run["dir"] / "report"
+    assert {"index.html", "loss.png", "validation.png", "throughput.png"} <= {p.name for p in report.iterdir()}
+    assert "report:" in trained_run["output"] and "not scored" in (report / "index.html").read_text().lower()
+
+    result = cli.invoke(app, ["report", str(trained_run["dir"])])
+    assert result.exit_code == 0, result.output
+    page = (report / "index.html").read_text()
+    assert "per-class scores" in page and "confusion matrix" in page
+    for label in ("neg", "pos"):
+        assert f"<td>{label}</td>" in page
+    assert not (trained_run["dir"] / ".report.partial").exists()
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (./launcher/test installs it when run as root)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,2000", f"--screenshot={shot}", (report / "index.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, 2000)
+    low, high = image.getextrema()
+    assert high - low > 200  # text and plots drawn, not a blank page
+    assert len(set(image.resize((64, 100)).getdata())) > 20
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    result = cli.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "not a finished shardtune run" in result.output
+    assert not (tmp_path / "report").exists()
+
+
+def test_merged_model_card_and_a_plain_pipeline_predict_what_predict_does(trained_run, sentiment_data, tmp_path):
+    from transformers import pipeline
+
+    merged = tmp_path / "merged"
+    assert cli.invoke(app, ["merge", str(trained_run["dir"]), "--out", str(merged)]).exit_code == 0
+    card = (merged / "README.md").read_text()
+    final = json.loads((trained_run["dir"] / "metrics.json").read_text())["final"]
+    assert f"| accuracy | {final['accuracy']:.4f} |" in card and "method: lora" in card and "tags:" in card
+    assert json.loads((merged / "tokenizer_config.json").read_text())["model_max_length"] == 32
+
+    rows = [json.loads(line) for line in sentiment_data["test"].read_text().splitlines()][:20]
+    rows[0]["text"] = " ".join([rows[0]["text"]] * 30)  # longer than the training length: truncated alike
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "p.jsonl"
+    assert cli.invoke(app, ["predict", str(trained_run["dir"]), "--data", str(data), "--out", str(out)]).exit_code == 0
+    predicted = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    piped = pipeline("text-classification", model=str(merged), truncation=True)([r["text"] for r in rows])
+    assert [p["label"] for p in piped] == predicted
+
+
+def test_eval_names_the_labels_the_file_lacks(trained_run, sentiment_data, tmp_path):
+    rows = [r for r in map(json.loads, sentiment_data["test"].read_text().splitlines()) if r["label"] == "pos"]
+    data = write_jsonl(tmp_path / "pos.jsonl", rows)
+    result = cli.invoke(app, ["eval", str(trained_run["dir"]), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert scored["labels_absent_from_data"] == ["neg"]

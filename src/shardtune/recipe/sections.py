@@ -16,6 +16,7 @@ from shardtune.data.schema import DATA_FORMATS, AugmentSection, DataSection, Dat
 from shardtune.quantization import PRECISION_DTYPES
 from shardtune.schema import Beta, Section
 from shardtune.tasks.registry import task_kinds
+from shardtune.tracking import TRACKERS
 
 
 # --------------------------------------------------------------------------- model
@@ -138,8 +139,20 @@ class SlurmSection(Section):
                                                                "module load, source .venv/bin/activate")
 
 
+class MLflowSection(Section):
+    tracking_uri: str | None = Field(None, description="an MLflow tracking URI (http://host:5000, sqlite:///path.db, "
+                                                        "databricks); default: $MLFLOW_TRACKING_URI, else a local "
+                                                        "store mlflow.db in the folder that holds output.dir")
+    experiment: str = Field("shardtune", min_length=1, description="the MLflow experiment the run is filed under")
+
+
 class OutputSection(Section):
     dir: str = Field(description="run output directory")
+    trackers: list[Literal[tuple(TRACKERS)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["tensorboard"],
+        description=f"where the run's scalars go, any of {', '.join(TRACKERS)} (train/ per logged step, "
+                    "validation/ per evaluation); [] for logs/train.log only")
+    mlflow: MLflowSection = Field(default_factory=MLflowSection, description="output.trackers: [mlflow] settings")
     if_exists: Literal["error", "overwrite"] = Field(
         "error", description="what to do when dir already holds a run")
     keep_checkpoints: bool = Field(False, description="keep the run's checkpoints (ray/) after success")
@@ -150,6 +163,18 @@ class OutputSection(Section):
                                                        "kept checkpoints; default: keep the most recent")
     keep_best_mode: Literal["max", "min"] | None = Field(None, description="whether a higher or lower keep_best_by "
                                                                          "is better; default: min for losses, else max")
+
+    @model_validator(mode="after")
+    def _resolve_tracking_uri(self):
+        # Resolved once, where the recipe is first read (the driver), so every worker and
+        # the saved recipe.yaml name the same store.
+        if "mlflow" in self.trackers and self.mlflow.tracking_uri is None and self.dir.strip():
+            import os
+            from pathlib import Path
+
+            local = Path(self.dir).expanduser().resolve().parent / "mlflow.db"
+            self.mlflow.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local}"
+        return self
 
 
 class Recipe(Section):

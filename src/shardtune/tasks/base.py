@@ -205,6 +205,27 @@ class Augments(Protocol):
         """A label-preserving variant of a training row (data.augment)."""
 
 
+class Chats(Protocol):
+    def reply(self, model, tokenizer, conversation: list[dict], message: str, *,
+              max_new_tokens: int | None = None) -> tuple[str, list[dict]]:
+        """The model's answer to a user's message, and the conversation to continue from."""
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A table of the run report (`shardtune report`): plain strings and numbers."""
+    title: str
+    columns: list[str]
+    rows: list[list]
+    note: str = ""
+
+
+class Reports(Protocol):
+    def report_tables(self, records: list[dict]) -> list[ReportTable]:
+        """Tables for the run report from this task's prediction records on a labelled split:
+        `predictions(...)` records, or `generate(...)` records for a task that generates."""
+
+
 class ZeroShot(Protocol):
     def check(self, tokenizer) -> None: ...
 

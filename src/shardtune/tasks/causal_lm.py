@@ -100,6 +100,19 @@ class CausalLM:
         role = "text" if self.options.input == "text" else "input" if self.options.instruction else "instruction"
         return Row({self.cols[role]: text}, where)
 
+    def reply(self, model, tokenizer, conversation: list[dict], message: str, *,
+              max_new_tokens: int | None = None) -> tuple[str, list[dict]]:
+        """`shardtune chat`: a chat recipe (input: chat) answers with the conversation so far
+        in its template; an instruction or text recipe answers each message on its own, as it
+        was trained (the first answer is what `generate --prompt` gives)."""
+        if self.options.input == "chat":
+            messages = [*conversation, {"role": "user", "content": message}]
+            row = Row({self.cols["messages"]: messages}, "chat")
+        else:
+            messages, row = [], self.prompt_row(message, "chat")
+        answer = self.generate(model, tokenizer, [row], max_new_tokens=max_new_tokens)[0]["prediction"]
+        return answer, ([*messages, {"role": "assistant", "content": answer}] if messages else [])
+
     def prompt_ids(self, row: Row, tokenizer) -> list[int]:
         """The tokens a generation for this row starts from."""
         if self.options.input == "chat":
@@ -210,8 +223,10 @@ class CausalLM:
             longest = max(map(len, prompts))
             ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(p)) + p for p in prompts])
             mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            device = next(model.parameters()).device  # the GPU's, when eval/generate run on one
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
             for row, generated in zip(chunk, out[:, longest:]):
                 text = tokenizer.decode(generated, skip_special_tokens=True).strip()
                 record = {"prompt": tokenizer.decode(self.prompt_ids(row, tokenizer), skip_special_tokens=False),
@@ -223,6 +238,11 @@ class CausalLM:
 
     def predictions(self, outputs: list[np.ndarray], examples: list[Example], rows: list[Row]) -> list[dict]:
         return [{"loss": float(o[0] / max(o[1], 1)), "tokens": int(o[1])} for o in outputs]
+
+    def report_tables(self, records: list[dict]) -> list:
+        from shardtune.tasks.tables import samples
+
+        return samples(records, ["prompt", "response", "prediction"], title="sample generations")
 
     def state(self) -> dict:
         return {}
@@ -270,4 +290,5 @@ register_task(TaskKind(
     "causal_lm", CausalLMSection, CausalLM,
     "causal-LM tuning on instruction records, chat transcripts or plain text; loss on the responses",
     family="causal_lm", roles=frozenset({"instruction", "input", "response", "messages", "text"}),
-    formats=frozenset({"textdir"}), capabilities=frozenset({Can.GENERATE}), causal_backbone=True))
+    formats=frozenset({"textdir"}), capabilities=frozenset({Can.GENERATE, Can.REPORT, Can.CHAT}),
+    causal_backbone=True))

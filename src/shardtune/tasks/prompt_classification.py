@@ -414,6 +414,11 @@ class PromptClassification:
             records.append(record)
         return records
 
+    def report_tables(self, records: list[dict]) -> list:
+        from shardtune.tasks.tables import classification
+
+        return classification(self.labels, records)
+
     def state(self) -> dict:
         return {"labels": self.labels, "verbalizer": self.verbalizer, "family": self.family,
                 "template_weights": None if self.weights is None else [float(w) for w in self.weights]}
@@ -440,6 +445,6 @@ register_task(TaskKind(
     "prompt_classification", PromptClassificationSection, PromptClassification,
     "classification by prompting the LM's own head: templates, verbalizers, soft prompts, zero- and few-shot",
     family="prompt", roles=frozenset({"label"}), formats=frozenset({"textdir"}), extra_roles=_template_fields,
-    capabilities=frozenset({Can.CHECK_TOKENIZER, Can.FIT_ON_MODEL, Can.WRAP_MODEL, Can.PREPARE_FORWARD,
+    capabilities=frozenset({Can.REPORT, Can.CHECK_TOKENIZER, Can.FIT_ON_MODEL, Can.WRAP_MODEL, Can.PREPARE_FORWARD,
                             Can.CLASS_LABELS, Can.ZERO_SHOT}),
     causal_backbone=True, rules=(TaskRule("gguf family", _gguf_family),)))

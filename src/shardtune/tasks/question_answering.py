@@ -201,6 +201,11 @@ class QuestionAnswering:
             records.append(record)
         return records
 
+    def report_tables(self, records: list[dict]) -> list:
+        from shardtune.tasks.tables import question_answering
+
+        return question_answering(records)
+
     def state(self) -> dict:
         return {"allow_no_answer": self.allow_no_answer}
 
@@ -237,4 +242,4 @@ register_task(TaskKind(
     "question_answering", QuestionAnsweringSection, QuestionAnswering,
     "extractive QA (SQuAD 1.1/2.0): start/end logits over windows of the context, exact match and F1",
     family="qa", roles=frozenset({"id", "question", "context", "answers"}), formats=frozenset({"squad"}),
-    capabilities=frozenset({Can.AUGMENT})))
+    capabilities=frozenset({Can.AUGMENT, Can.REPORT})))

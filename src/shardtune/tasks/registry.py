@@ -31,6 +31,8 @@ class Can(Enum):
     CLASS_LABELS = "HasClassLabels"  # rows carry a class label: few-shot draws per label
     AUGMENT = "Augments"  # label-preserving augmentation of training rows (data.augment)
     ZERO_SHOT = "ZeroShot"  # `shardtune eval RECIPE` scores the untrained model
+    REPORT = "Reports"  # tables for the run report (per-class scores, samples...)
+    CHAT = "Chats"  # `shardtune chat`: answers a conversation, a message at a time
 
 
 @dataclass(frozen=True)

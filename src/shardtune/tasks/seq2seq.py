@@ -182,6 +182,11 @@ class Seq2Seq:
                 records.append(record)
         return records
 
+    def report_tables(self, records: list[dict]) -> list:
+        from shardtune.tasks.tables import samples
+
+        return samples(records, ["prompt", "target", "prediction"], title="sample generations")
+
     def state(self) -> dict:
         return {}
 
@@ -207,4 +212,4 @@ register_task(TaskKind(
     "text-to-text tuning of an encoder-decoder (T5): teacher-forced loss, generation scored by exact match, "
     "ROUGE-L and sacreBLEU",
     family="seq2seq", roles=frozenset({"source", "target"}),
-    capabilities=frozenset({Can.GENERATE, Can.GENERATE_AT_EVAL})))
+    capabilities=frozenset({Can.GENERATE, Can.GENERATE_AT_EVAL, Can.REPORT})))

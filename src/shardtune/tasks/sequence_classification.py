@@ -133,6 +133,11 @@ class SequenceClassification:
             records.append(record)
         return records
 
+    def report_tables(self, records: list[dict]) -> list:
+        from shardtune.tasks.tables import classification
+
+        return classification(self.labels, records)
+
     def state(self) -> dict:
         return {"labels": self.labels}
 
@@ -147,4 +152,4 @@ register_task(TaskKind(
     "sequence_classification", SequenceClassificationSection, SequenceClassification,
     "single-text or text-pair classification with a linear head on the encoder (SST-2, CoLA, MRPC, NLI)",
     family="classification", roles=frozenset({"text", "text_b", "label"}), formats=frozenset({"textdir"}),
-    capabilities=frozenset({Can.CLASS_LABELS, Can.AUGMENT})))
+    capabilities=frozenset({Can.CLASS_LABELS, Can.AUGMENT, Can.REPORT})))

@@ -163,6 +163,11 @@ class TokenClassification:
             records.append(record)
         return records
 
+    def report_tables(self, records: list[dict]) -> list:
+        from shardtune.tasks.tables import tagging
+
+        return tagging(records)
+
     def state(self) -> dict:
         return {"labels": self.labels}
 
@@ -187,4 +192,4 @@ register_task(TaskKind(
     "token_classification", TokenClassificationSection, TokenClassification,
     "a tag per word (NER, POS): a linear head on each first sub-token, seqeval's entity F1",
     family="tagging", roles=frozenset({"tokens", "tags"}), formats=frozenset({"conll", "wordtag"}),
-    capabilities=frozenset({Can.AUGMENT})))
+    capabilities=frozenset({Can.AUGMENT, Can.REPORT})))
