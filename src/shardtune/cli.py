@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from shardtune.errors import RunError, ShardtuneError
+from shardtune.errors import RecipeError, RunError, ShardtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed, parameter-efficient fine-tuning from one YAML recipe.")
@@ -71,20 +71,39 @@ def _command(fn):
 
 @app.command()
 @_command
-def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Check a recipe without starting anything; print it as resolved."""
+def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
+             rows: int = typer.Option(16, "--rows", min=0, help="data rows to read and encode as training will "
+                                                                 "(0 or --no-rows: the schema and files only)"),
+             no_rows: bool = typer.Option(False, "--no-rows", help="do not read the data or load the tokenizer")) -> None:
+    """Check a recipe without starting anything: its fields, its files, and its data's first
+    rows encoded with the model's tokenizer (a column typo fails here); print it as resolved."""
+    rows = 0 if no_rows else rows
     from shardtune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
-    from shardtune.tasks import Can, task_kind
+    from shardtune.tasks import Can, get_task, task_kind
 
+    if not rows:
+        sys.stdout.write(resolved.to_yaml())
+        err.print(f"[green]ok:[/] {escape(str(recipe))} is valid (the data's rows were not read: --no-rows)")
+        return
+    _say(f"reading the first {rows} rows of the data and encoding them with the tokenizer of "
+         f"{resolved.model.path} (--no-rows skips this)")
+    from shardtune.backbone import load_tokenizer
+    from shardtune.data.pipeline import check_first_rows
+
+    try:
+        task, tokenizer = get_task(resolved), load_tokenizer(resolved)
+    except OSError as exc:  # a hub id with no hub (offline), a folder without a tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"model.path '{resolved.model.path}': its tokenizer cannot be loaded ({first}); name a local "
+                          "model folder (or download it while online), or check the recipe without reading its data: "
+                          "validate --no-rows") from None
     if task_kind(resolved.task.type).can(Can.CHECK_TOKENIZER):  # e.g. label words: they need the tokenizer
-        from shardtune.backbone import load_tokenizer
-        from shardtune.tasks import get_task
-
-        get_task(resolved).check(load_tokenizer(resolved))
+        task.check(tokenizer)
+    checked = check_first_rows(resolved, task, tokenizer, limit=rows)
     sys.stdout.write(resolved.to_yaml())
-    err.print(f"[green]ok:[/] {escape(str(recipe))} is valid")
+    err.print(f"[green]ok:[/] {escape(str(recipe))} is valid ({checked} rows of its data read and encoded)")
 
 
 @app.command()
@@ -99,6 +118,13 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
     from shardtune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
+    from shardtune import rundir
+
+    # Before the heavy imports (Ray, torch: seconds): an answer that needs neither comes at once.
+    final_dir = rundir.choose_final_dir(Path(resolved.output.dir).resolve(), resolved.output.if_exists, resume)
+    problem = rundir.claim_problem(final_dir, resolved.output.if_exists, resume)
+    if problem is not None:
+        raise RunError(problem)
     from shardtune.orchestrate import run as run_recipe
 
     result = run_recipe(resolved, address=address, resume=resume)
@@ -213,17 +239,14 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
                             "recipe sets task.instruction; a user message for chat (repeat for several)"),
              max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
     """Generate responses from a tuned causal LM (for files of prompts use predict)."""
-    from shardtune.errors import RunError
-    from shardtune.inference import load_run
-
     if not prompt:
         raise RunError("give at least one --prompt")
-    loaded = load_run(run_dir)
-    from shardtune.tasks import Can, kind_of, task_kinds
+    from shardtune.tasks import Can
 
-    if not kind_of(loaded.recipe).can(Can.GENERATE):
-        able = " or ".join(kind.type for kind in task_kinds() if kind.can(Can.GENERATE))
-        raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; generate needs a {able} run")
+    _needs(run_dir, Can.GENERATE, "generate")  # before the model loads: a wrong run is refused at once
+    from shardtune.inference import load_run
+
+    loaded = load_run(run_dir)
     rows = [loaded.task.prompt_row(p, f"--prompt {i + 1}") for i, p in enumerate(prompt)]
     records = loaded.task.generate(loaded.model, loaded.tokenizer, rows, max_new_tokens=max_new_tokens)
     for record in records:
@@ -248,13 +271,12 @@ def chat(run_dir: Path = typer.Argument(..., help="a finished causal-LM run's ou
          max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
     """Talk to a tuned causal LM: one message per line, with the chat template when the run
     used one (the conversation so far goes with each message); an empty line or Ctrl-D ends."""
+    from shardtune.tasks import Can
+
+    _needs(run_dir, Can.CHAT, "chat")
     from shardtune.inference import load_run
-    from shardtune.tasks import Can, kind_of, task_kinds
 
     loaded = load_run(run_dir)
-    if not kind_of(loaded.recipe).can(Can.CHAT):
-        able = " or ".join(kind.type for kind in task_kinds() if kind.can(Can.CHAT))
-        raise RunError(f"'{run_dir}' is a {loaded.recipe.task.type} run; chat needs a {able} run")
     conversation: list[dict] = []
     interactive = sys.stdin.isatty()
     while True:
@@ -428,6 +450,22 @@ def jobs_stop(job_id: str, address: str = AddressOpt) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _needs(run_dir: Path, capability, command: str) -> None:
+    """Refuse a run whose task cannot do what the command asks, from its recipe.yaml alone."""
+    from shardtune.recipe import load_raw
+    from shardtune.tasks import task_kinds
+
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        raise RunError(f"'{run_dir}' is not a finished shardtune run: recipe.yaml is missing (give the output.dir "
+                       "of a run that completed)")
+    kinds = {kind.type: kind for kind in task_kinds()}
+    task_type = (load_raw(recipe).get("task") or {}).get("type", "sequence_classification")
+    if task_type not in kinds or not kinds[task_type].can(capability):
+        able = " or ".join(kind.type for kind in task_kinds() if kind.can(capability))
+        raise RunError(f"'{run_dir}' is a {task_type} run; {command} needs a {able} run")
+
+
 def _print_summary(result) -> None:
     import json as _json
 

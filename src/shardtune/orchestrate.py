@@ -51,7 +51,12 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
     checkpoint keeps it too, so nothing trained is ever deleted.
     """
     started = time.perf_counter()
-    final_dir = Path(recipe.output.dir).resolve()
+    written = Path(recipe.output.dir).resolve()
+    final_dir = rundir.choose_final_dir(written, recipe.output.if_exists, resume)
+    if final_dir != written:  # if_exists: new; the saved recipe and the trackers name the real folder
+        recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(final_dir)})})
+        if not resume:
+            print(f"'{written}' holds a run; this one goes to {final_dir} (output.if_exists: new)", file=sys.stderr)
     # RAY_ADDRESS: set by `ray job submit` for the job's driver (and by users who export it).
     address = address or recipe.cluster.address or os.environ.get("RAY_ADDRESS")
     if (problem := rundir.claim_problem(final_dir, recipe.output.if_exists, resume)) is not None:

@@ -86,6 +86,30 @@ def output_dir_problems(written: str, inputs: list[Path]) -> list[str]:
     return []
 
 
+def choose_final_dir(written: Path, if_exists: str, resume: bool) -> Path:
+    """The folder this run gets. `if_exists: new`: output.dir while it holds no run, else a
+    fresh sibling `<dir>-YYYYmmdd-HHMMSS`, so a second run never replaces the first; with
+    --resume, the newest of them whose staging folder holds a checkpoint. Otherwise
+    output.dir itself (error and overwrite decide what happens to an earlier run)."""
+    if if_exists != "new":
+        return written
+    # The runs made this way, finished (<dir>-STAMP) or still in their staging folder.
+    siblings = {p.with_name(p.name.removesuffix(STAGING_SUFFIX)) for p in written.parent.glob(f"{written.name}-*")
+                if p.is_dir()}
+    family = [written, *sorted(siblings)]
+    if resume:
+        for candidate in reversed(family):
+            if has_checkpoint(staging_of(candidate)):
+                return candidate
+    if not (written.exists() and any(written.iterdir())) and not has_checkpoint(staging_of(written)):
+        return written
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = written.with_name(f"{written.name}-{stamp}"), 2
+    while candidate.exists() or staging_of(candidate).exists():
+        candidate, n = written.with_name(f"{written.name}-{stamp}-{n}"), n + 1
+    return candidate
+
+
 def claim_problem(final_dir: Path, if_exists: str, resume: bool) -> str | None:
     """Why the run may not write to final_dir (and its staging folder), or None. No side effects,
     so it is asked before any slow work."""

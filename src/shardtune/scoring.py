@@ -45,7 +45,6 @@ def load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_targ
     """The file's rows; with the run's `data.on_bad_row: skip`, the bad ones left out and counted.
     No file: the run's (or recipe's) validation split."""
     from shardtune.data import read_rows
-    from shardtune.data.pipeline import drop_bad_rows
 
     if data is not None and not data.exists():
         raise DataError(f"data file '{data}' does not exist")
@@ -57,6 +56,8 @@ def load_rows(run_dir: Path, data: Optional[Path], fmt: Optional[str], with_targ
         source = source.model_copy(update={"format": loaded.recipe.data.train.resolved_format})
     if loaded.recipe.data.on_bad_row == "error":
         return loaded, read_rows(source, max_chars=loaded.recipe.data.max_chars)
+    from shardtune.data.pipeline import drop_bad_rows
+
     bad: list[str] = []
     rows = drop_bad_rows(read_rows(source, bad, loaded.recipe.data.max_chars), loaded.task, loaded.tokenizer, bad,
                          str(data), with_targets)
@@ -93,9 +94,9 @@ def validation_rows(run_dir: Path, loaded) -> list:
 def infer(run_dir: Path, data: Optional[Path], fmt: Optional[str], batch_size: int, *, with_targets: bool,
           overrides: Optional[list[str]] = None, say: Callable[[str], None] = print):
     """(loaded run, rows, examples, outputs) of a forward pass over the rows, in batches."""
+    loaded, rows = load_rows(run_dir, data, fmt, with_targets, overrides, say)  # a missing file: refused at once
     from shardtune.inference import forward_outputs
 
-    loaded, rows = load_rows(run_dir, data, fmt, with_targets, overrides, say)
     examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)
     outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size, loaded.device)
     return loaded, rows, examples, outputs

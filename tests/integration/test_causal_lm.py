@@ -116,4 +116,4 @@ def test_generate_with_a_fixed_instruction_answers_each_prompt_as_predict_does(t
 def test_chat_refuses_a_classification_run(tmp_path):
     (tmp_path / "recipe.yaml").write_text("task: {type: sequence_classification}\n")
     result = cli.invoke(app, ["chat", str(tmp_path)])
-    assert result.exit_code != 0 and "not a finished shardtune run" in result.output
+    assert result.exit_code == 1 and "chat needs a causal_lm run" in result.output

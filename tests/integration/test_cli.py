@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from helpers import write_recipe
@@ -349,3 +350,16 @@ def test_eval_names_the_labels_the_file_lacks(trained_run, sentiment_data, tmp_p
     assert result.exit_code == 0, result.output
     scored = json.loads(result.stdout)
     assert scored["labels_absent_from_data"] == ["neg"]
+
+
+def test_if_exists_new_keeps_the_earlier_run(trained_run, tmp_path):
+    first = trained_run["dir"]
+    before = (first / "metrics.json").read_bytes()
+    result = cli.invoke(app, ["run", str(trained_run["recipe"]), "output.if_exists=new", "train.epochs=1",
+                              "output.trackers=[]"])
+    assert result.exit_code == 0, result.output
+    siblings = sorted(p for p in first.parent.iterdir() if p.name.startswith(first.name + "-"))
+    assert len(siblings) == 1 and (siblings[0] / "adapter").is_dir()
+    assert f"this one goes to {siblings[0]}" in result.output
+    assert (first / "metrics.json").read_bytes() == before
+    assert yaml.safe_load((siblings[0] / "recipe.yaml").read_text())["output"]["dir"] == str(siblings[0])

@@ -157,3 +157,108 @@ def test_macro_f1_is_over_the_labels_present():
     # label 2 is known to the run but absent from gold and predictions: not a 0 in the mean
     f1_0, f1_1 = 2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 0.5 * 1 / 1.5
     assert classification_metrics(logits, targets)["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
+
+
+# ------------------------------------------------------------------------ fast answers
+FAST = """
+import sys
+from shardtune.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    print("EXIT", exc.code, "torch" in sys.modules, "ray" in sys.modules)
+"""
+
+
+def _fast(args, cwd) -> tuple[str, str]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FAST, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return done.stdout.strip().splitlines()[-1], done.stderr
+
+
+def test_refusals_on_the_arguments_come_before_the_heavy_imports(tmp_path):
+    """A run into an existing run, generate or chat on a run of another task, eval of a file
+    that is not there: refused without importing torch or Ray (seconds of imports)."""
+    from shardtune.rundir import mark
+
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    mark(run)
+    (run / "recipe.yaml").write_text("task: {type: sequence_classification}\n")
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "bert"}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "model")}, "data": {"train": "train.jsonl"},
+                                      "output": {"dir": str(run)}}))
+    for args, fragment in [(["run", str(recipe)], "already holds a run"),
+                           (["generate", str(run), "--prompt", "hi"], "generate needs a causal_lm"),
+                           (["chat", str(run)], "chat needs a causal_lm"),
+                           (["eval", str(run), "--data", "nothere.jsonl"], "does not exist")]:
+        line, stderr = _fast(args, tmp_path)
+        assert fragment in stderr, (args, stderr)
+        assert line.startswith("EXIT ") and line.split()[1] != "0" and line.endswith("False False"), (args, line)
+
+
+# --------------------------------------------------------- validation messages, rows
+@pytest.mark.parametrize("override,expected", [
+    ("adapter.target_modules=5", "adapter.target_modules: input should be a list of strings or 'all-linear' (got 5)"),
+    ("adapter.target_modules=[1,2]", "adapter.target_modules: input should be a list of strings or 'all-linear'"),
+    ("output.trackers=[wandb]", "output.trackers.0: input should be 'tensorboard' or 'mlflow' (got 'wandb')"),
+])
+def test_messages_never_name_pydantics_internal_types(tmp_path, override, expected):
+    from shardtune.errors import RecipeError
+    from shardtune.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_raw(tmp_path)))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe, [override], check_files=False)
+    text = caught.value.render()
+    assert expected in text
+    assert not any(tag in text for tag in ("list[str]", "literal[", "function-after", "lora.target"))
+
+
+def test_validate_reads_the_first_rows_and_catches_a_column_typo(tiny_bert, tmp_path, monkeypatch):
+    from tiny_models import sentiment_rows, write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    # sorted by label: the first rows alone hold one label, and validation must not say so
+    rows = sorted(sentiment_rows(200, seed=3), key=lambda r: r["label"])
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    raw = {"model": {"path": str(tiny_bert)}, "data": {"train": "train.jsonl", "max_length": 32},
+           "output": {"dir": str(tmp_path / "runs" / "a")}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    ok = cli.invoke(app, ["validate", str(recipe)])
+    assert ok.exit_code == 0, ok.output
+    assert "16 rows of its data read and encoded" in ok.output and "reading the first 16 rows" in ok.output
+    typo = cli.invoke(app, ["validate", str(recipe), "data.columns.text=txt"])
+    assert typo.exit_code == 2 and "train.jsonl:1: " in typo.output and "'txt'" in typo.output
+    assert cli.invoke(app, ["validate", str(recipe), "data.columns.text=txt", "--no-rows"]).exit_code == 0
+
+
+# ------------------------------------------------------------- output.if_exists: new
+def test_if_exists_new_gives_a_second_run_a_fresh_folder_and_resume_finds_its_checkpoint(tmp_path):
+    from shardtune.rundir import RAY_DIR, choose_final_dir, mark, staging_of
+
+    written = tmp_path / "runs" / "sst2"
+    assert choose_final_dir(written, "new", resume=False) == written  # free: the folder itself
+    written.mkdir(parents=True)
+    mark(written)
+    fresh = choose_final_dir(written, "new", resume=False)
+    assert fresh.parent == written.parent and fresh.name.startswith("sst2-") and not fresh.exists()
+    assert choose_final_dir(written, "error", resume=False) == written  # error/overwrite decide themselves
+    # an interrupted second run: --resume continues it, not the finished first one
+    staging = staging_of(fresh)
+    (staging / RAY_DIR).mkdir(parents=True)
+    (staging / RAY_DIR / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_1": {}}')
+    assert choose_final_dir(written, "new", resume=True) == fresh
+    assert choose_final_dir(written, "new", resume=False) not in (written, fresh)
+
+
+def test_shipped_recipes_keep_earlier_runs():
+    for recipe in RECIPES.glob("*.yaml"):
+        assert yaml.safe_load(recipe.read_text())["output"].get("if_exists") == "new", recipe.name

@@ -112,6 +112,36 @@ def drop_bad_rows(rows: list, task, tokenizer, bad: list[str], path: str, with_t
     return good
 
 
+def check_first_rows(recipe: Recipe, task, tokenizer, limit: int = 16) -> int:
+    """`shardtune validate`'s look at the data: the first rows of each file are read and
+    encoded as training will, so a column the file does not have (a typo in data.columns)
+    fails validation with file:line instead of the run. Returns the rows checked."""
+    checked = 0
+    sources = [recipe.data.train] + ([recipe.data.validation] if recipe.data.validation is not None else [])
+    for source in sources:
+        skip = recipe.data.on_bad_row == "skip"
+        bad: list[str] | None = [] if skip else None
+        rows = read_rows(source, bad, recipe.data.max_chars, limit=limit)
+        if source is recipe.data.train and not _two_labels(task, rows):
+            rows = read_rows(source, bad, recipe.data.max_chars)  # a file sorted by label: its labels are further on
+        task.fit_labels(rows)
+        rows = rows[::max(1, len(rows) // limit)][:limit]  # every label's rows, when the whole file was read
+        if skip:
+            drop_bad_rows(rows, task, tokenizer, bad, source.path)  # an error when most rows are bad
+        else:
+            task.encode(rows, tokenizer)
+        checked += len(rows)
+    return checked
+
+
+def _two_labels(task, rows) -> bool:
+    from shardtune.tasks import Can
+    from shardtune.tasks.base import readable
+    from shardtune.tasks.registry import kind_of_task
+
+    return not kind_of_task(task).can(Can.CLASS_LABELS) or len(set(readable(rows, task.row_label))) >= 2
+
+
 def augmented_examples(recipe: Recipe, task, tokenizer, train_rows, epoch: int):
     """This epoch's training examples with a fresh, seeded draw of augmentations."""
     from shardtune.data.augment import Augmenter

@@ -10,6 +10,7 @@ left out instead (`data.on_bad_row: skip`); a file that is unreadable as a whole
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,10 @@ class Row:
         return self.values.get(column)
 
 
-def read_rows(source: DataSource, bad: list[str] | None = None, max_chars: int | None = None) -> list[Row]:
+def read_rows(source: DataSource, bad: list[str] | None = None, max_chars: int | None = None,
+              limit: int | None = None) -> list[Row]:
+    """Every row of the source (its first `limit` rows: jsonl, csv, tsv and parquet stop
+    reading there); a bad row raises DataError with file:line, or, with `bad`, is noted there."""
     path = resolve_local(source.path)
     if path is None or not path.exists():
         raise DataError(f"data file '{source.path}' does not exist")
@@ -41,7 +45,8 @@ def read_rows(source: DataSource, bad: list[str] | None = None, max_chars: int |
     if fmt not in readers:
         raise DataError(f"'{source.path}': unknown format '{fmt}'; one of {sorted(readers)}")
     problems = _Problems(bad)
-    rows = [row for row in readers[fmt](path, source, problems) if _fits(row, max_chars, problems)]
+    rows = [row for row in itertools.islice(readers[fmt](path, source, problems), limit)
+            if _fits(row, max_chars, problems)]
     if not rows:
         raise DataError(f"'{source.path}' holds no examples")
     return rows
@@ -109,8 +114,7 @@ class _Problems:
         self.bad.append(message)
 
 
-def _read_jsonl(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
-    rows = []
+def _read_jsonl(path: Path, source: DataSource, problem: _Problems):
     for number, line in _lines(path, problem):
         if not line.strip():
             continue
@@ -122,8 +126,7 @@ def _read_jsonl(path: Path, source: DataSource, problem: _Problems) -> list[Row]
         if not isinstance(record, dict):
             problem(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             continue
-        rows.append(Row(record, f"{path}:{number}"))
-    return rows
+        yield Row(record, f"{path}:{number}")
 
 
 def _read_parquet(path: Path, source: DataSource, problem: _Problems):
@@ -161,12 +164,11 @@ def _read_json(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
     return rows
 
 
-def _read_delimited(path: Path, source: DataSource, problem: _Problems) -> list[Row]:
+def _read_delimited(path: Path, source: DataSource, problem: _Problems):
     # csv's own limit (128 KiB a field) would make long documents a parser error; data.max_chars
     # is the limit that says what to change.
     csv.field_size_limit(2**31 - 1)
     delimiter = "\t" if source.resolved_format == "tsv" else ","
-    rows = []
     # GLUE tsv files contain bare quotes inside sentences; tsv is read without quoting.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     # strict: an unclosed quote is an error, not a field that swallows the rest of the file.
@@ -193,8 +195,7 @@ def _read_delimited(path: Path, source: DataSource, problem: _Problems) -> list[
         if len(cells) != len(names):
             problem(f"{path}:{number}: {len(cells)} fields, expected {len(names)} ({', '.join(names)})")
             continue
-        rows.append(Row(dict(zip(names, cells)), f"{path}:{number}"))
-    return rows
+        yield Row(dict(zip(names, cells)), f"{path}:{number}")
 
 
 def _read_textdir(path: Path, source: DataSource, problem: _Problems) -> list[Row]:

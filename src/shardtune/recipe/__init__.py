@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from shardtune import compat, quantization
 from shardtune.errors import RecipeError
-from shardtune.recipe.messages import _did_you_mean, _explain
+from shardtune.recipe.messages import _did_you_mean, explain_errors
 from shardtune.recipe.sections import *  # noqa: F403  (the schema, re-exported: shardtune.recipe.X)
 from shardtune.recipe.sections import DATA_FORMATS, Recipe
 from shardtune.tasks.registry import Can, formats_for, task_kind, task_kinds
@@ -108,7 +108,7 @@ def validate_recipe(raw: dict, *, where: str = "recipe", check_files: bool = Tru
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError([_explain(err) for err in exc.errors()], where=where) from None
+        raise RecipeError(explain_errors(exc.errors()), where=where) from None
     problems = check_rules(recipe, check_files=check_files)
     if check_files:
         from shardtune.rundir import output_dir_problems

@@ -13,13 +13,67 @@ from pydantic import BaseModel
 from shardtune.recipe.sections import ADAPTER_METHODS, ADAPTER_SECTIONS, TASK_TYPES, Recipe, TaskSection
 
 
-def _explain(err: dict) -> str:
+def explain_errors(errors: list[dict]) -> list[str]:
+    """One message per problem. A field that takes one of several shapes (a list of module
+    names or 'all-linear') fails once per shape in pydantic, under a location that names its
+    internal types (`target_modules.list[str]`, `.literal['all-linear']`): those become one
+    message that says what the field accepts."""
+    messages, unions = [], {}
+    for err in errors:
+        loc, member = _located(err)
+        at = next((i for i, p in enumerate(loc) if _is_type_tag(p)), None)
+        if at is None:
+            messages.append(_explain(err))
+            continue
+        key = tuple(loc[:at])
+        if key not in unions:
+            unions[key] = {"shapes": [], "input": None, "member": member}
+            messages.append(key)  # placeholder: keeps the order of the problems
+        union = unions[key]
+        shape = _shape(loc[at])
+        if shape not in union["shapes"]:
+            union["shapes"].append(shape)
+        if len(loc) == at + 1 or union["input"] is None:
+            union["input"] = err.get("input")
+    out = []
+    for item in messages:
+        if isinstance(item, tuple):
+            union, loc = unions[item], list(item)
+            dotted, desc = ".".join(loc), _describe(loc, union["member"])
+            out.append(f"{dotted}: input should be {' or '.join(union['shapes'])} (got {_shown(union['input'])})"
+                       + (f"; {dotted} is the {desc}" if desc else ""))
+        else:
+            out.append(item)
+    return out
+
+
+_SHAPES = {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true or false",
+           "none": "null", "list[str]": "a list of strings", "dict[str,str]": "a mapping of strings to strings"}
+
+
+def _is_type_tag(part: str) -> bool:
+    # pydantic names a union member by its type: list[str], literal['all-linear'], str, int ...
+    return "[" in part or part in _SHAPES
+
+
+def _shape(tag: str) -> str:
+    if tag.startswith("literal[") and tag.endswith("]"):
+        return " or ".join(v.strip() for v in tag[len("literal["):-1].split(","))
+    return _SHAPES.get(tag.replace(" ", ""), tag)
+
+
+def _located(err: dict) -> tuple[list[str], dict]:
+    """The error's field path without the discriminated unions' tags, and the members they pick."""
     loc = [str(p) for p in err["loc"]]
     # Discriminated unions put the tag in the location (task.sequence_classification.labels);
     # the tag picks the member class whose fields the message lists.
     tags = {p: i for i, p in enumerate(loc) if p in TASK_TYPES or (p in ADAPTER_METHODS and i == 1)}
     member = {loc[i - 1]: p for p, i in tags.items()}
-    loc = [p for i, p in enumerate(loc) if i not in tags.values()]
+    return [p for i, p in enumerate(loc) if i not in tags.values()], member
+
+
+def _explain(err: dict) -> str:
+    loc, member = _located(err)
     dotted = ".".join(loc)
     kind = err["type"]
     if kind == "adapter_method":

@@ -140,7 +140,7 @@ class SlurmSection(Section):
 
 
 class MLflowSection(Section):
-    tracking_uri: str | None = Field(None, description="an MLflow tracking URI (http://host:5000, sqlite:///path.db, "
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (http://host:5000, sqlite:///path.db, "
                                                         "databricks); default: $MLFLOW_TRACKING_URI, else a local "
                                                         "store mlflow.db in the folder that holds output.dir")
     experiment: str = Field("shardtune", min_length=1, description="the MLflow experiment the run is filed under")
@@ -153,8 +153,9 @@ class OutputSection(Section):
         description=f"where the run's scalars go, any of {', '.join(TRACKERS)} (train/ per logged step, "
                     "validation/ per evaluation); [] for logs/train.log only")
     mlflow: MLflowSection = Field(default_factory=MLflowSection, description="output.trackers: [mlflow] settings")
-    if_exists: Literal["error", "overwrite"] = Field(
-        "error", description="what to do when dir already holds a run")
+    if_exists: Literal["error", "overwrite", "new"] = Field(
+        "error", description="when dir already holds a run: error (refuse), overwrite (replace it once the new run "
+                             "has finished), new (keep it; this run goes to a fresh dir-YYYYmmdd-HHMMSS)")
     keep_checkpoints: bool = Field(False, description="keep the run's checkpoints (ray/) after success")
     checkpoints_to_keep: int = Field(2, ge=1, le=1000, description="checkpoints kept while training: the last N, "
                                                                    "or the best N by keep_best_by (the latest is "
