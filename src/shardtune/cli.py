@@ -33,10 +33,33 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+_LOUD = {"libraries": False}  # `shardtune --verbose CMD`: let the libraries print as they do
+
+
 @app.callback()
 def main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                           help="print shardtune's version and exit")) -> None:
+                                           help="print shardtune's version and exit"),
+         verbose: bool = typer.Option(False, "--verbose", help="let transformers, peft and torch print their load "
+                                                               "reports, progress bars and warnings")) -> None:
     """Distributed, parameter-efficient fine-tuning from one YAML recipe."""
+    _LOUD["libraries"] = verbose
+
+
+def _quiet_libraries() -> None:
+    """eval, predict, generate, chat, report and merge load a model in this process:
+    transformers' load report, its loading bar and FutureWarnings would outnumber the
+    answer. Set before transformers is imported (it reads these once); --verbose keeps them."""
+    import os
+    import warnings
+
+    if _LOUD["libraries"]:
+        return
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU build announces an optional kernel
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 RecipeArg = typer.Argument(..., help="recipe YAML file", show_default=False)
@@ -113,7 +136,10 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
                                                          "(default: the recipe's, else an embedded cluster)"),
         resume: bool = typer.Option(False, "--resume", help="continue a run stopped by SIGTERM/SIGUSR1 "
                                                             "(Slurm's time limit) from its checkpoint; "
-                                                            "starts afresh if there is none")) -> None:
+                                                            "starts afresh if there is none"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's, DeepSpeed's and transformers' output "
+                                                                    "too (it always goes to the run's "
+                                                                    "logs/framework.log)")) -> None:
     """Validate a recipe and train it on Ray + DeepSpeed."""
     from shardtune.recipe import load_recipe
 
@@ -127,7 +153,7 @@ def run(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
         raise RunError(problem)
     from shardtune.orchestrate import run as run_recipe
 
-    result = run_recipe(resolved, address=address, resume=resume)
+    result = run_recipe(resolved, address=address, resume=resume, verbose=verbose)
     _print_summary(result)
 
 
@@ -183,6 +209,7 @@ def evaluate(run_dir: Path = RunOrRecipeArg,
              overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
              batch_size: int = typer.Option(32, min=1)) -> None:
     """Score a trained run, or a prompt recipe zero-shot, on a file; print the metrics as JSON."""
+    _quiet_libraries()
     from shardtune import scoring
 
     loaded, rows, examples, outputs = scoring.infer(run_dir, data, format, batch_size, with_targets=True,
@@ -212,6 +239,7 @@ def predict(run_dir: Path = RunOrRecipeArg,
             overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
             batch_size: int = typer.Option(32, min=1)) -> None:
     """Write one prediction per input row as JSON lines."""
+    _quiet_libraries()
     from shardtune import scoring
 
     if scoring.generates(run_dir):  # language models: predict means generate
@@ -239,6 +267,7 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
                             "recipe sets task.instruction; a user message for chat (repeat for several)"),
              max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
     """Generate responses from a tuned causal LM (for files of prompts use predict)."""
+    _quiet_libraries()
     if not prompt:
         raise RunError("give at least one --prompt")
     from shardtune.tasks import Can
@@ -258,6 +287,7 @@ def generate(run_dir: Path = typer.Argument(..., help="a finished causal-LM run'
 def merge(run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
           out_dir: Path = typer.Option(..., "--out", help="new folder for the merged model")) -> None:
     """Merge the run's adapter into the full-precision base and write a standalone model."""
+    _quiet_libraries()
     from shardtune.export import merge_run
 
     written = merge_run(run_dir, out_dir)
@@ -271,6 +301,7 @@ def chat(run_dir: Path = typer.Argument(..., help="a finished causal-LM run's ou
          max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the recipe's task.max_new_tokens")) -> None:
     """Talk to a tuned causal LM: one message per line, with the chat template when the run
     used one (the conversation so far goes with each message); an empty line or Ctrl-D ends."""
+    _quiet_libraries()
     from shardtune.tasks import Can
 
     _needs(run_dir, Can.CHAT, "chat")
@@ -303,6 +334,7 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run's output dir
     """Write RUN_DIR/report/index.html: plots of loss, learning rate, validation metrics,
     throughput and memory; the hardware and time; the recipe; and the task's tables
     (per-class scores, confusion matrix, per-entity F1, EM/F1, sample generations)."""
+    _quiet_libraries()
     from shardtune import rundir, scoring
     from shardtune.runreport import write_report
 
@@ -488,6 +520,9 @@ def _print_summary(result) -> None:
               f"time: {summary['wall_seconds']:.0f}s (first step after {summary['time_to_first_step_s']:.0f}s, "
               f"{summary['steady_step_s']}s/step)")
     out.print(f"outputs: {result.output_dir}  (adapter/, tokenizer/, metrics.json, logs/)", markup=False)
+    framework = result.output_dir / "logs" / "framework.log"
+    if framework.is_file():
+        out.print(f"framework output (Ray, DeepSpeed, transformers): {framework}  (--verbose shows it)", markup=False)
     from shardtune.runreport import index_of
 
     report = index_of(result.output_dir)

@@ -21,8 +21,9 @@ from shardtune.tasks.registry import kind_of_task
 
 @torch.no_grad()
 def forward_outputs(model: torch.nn.Module, task, tokenizer, examples, batch_size: int,
-                    device: torch.device) -> list[np.ndarray]:
-    """The model's outputs for examples, in order: one float32 array per example."""
+                    device: torch.device, progress=None) -> list[np.ndarray]:
+    """The model's outputs for examples, in order: one float32 array per example.
+    `progress(done, total)` is called after each batch (the CLI's progress bar)."""
     was_training = model.training
     model.eval()
     outputs: list[np.ndarray] = []
@@ -33,11 +34,15 @@ def forward_outputs(model: torch.nn.Module, task, tokenizer, examples, batch_siz
         batch = task.collate(examples[start:start + batch_size], tokenizer)
         if kind.can(Can.GENERATE_AT_EVAL):  # the targets stay: a teacher-forced loss, and texts to compare
             outputs.extend(task.eval_outputs(model, {k: v.to(device) for k, v in batch.items()}, tokenizer))
+            if progress is not None:
+                progress(min(start + batch_size, len(examples)), len(examples))
             continue
         for key in task.target_keys:
             batch.pop(key, None)
         batch = {k: v.to(device) for k, v in batch.items()}
         outputs.extend(task.outputs(model(**batch), batch))
+        if progress is not None:
+            progress(min(start + batch_size, len(examples)), len(examples))
     model.train(was_training)
     return outputs
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardtune import raycluster, rundir, runreport
+from shardtune.console import FRAMEWORK_LOG, run_console
 from shardtune.engine import train_worker
 from shardtune.export import write_metrics
 from shardtune.errors import RecipeError, RunError, RunStopped, ShardtuneError
@@ -41,14 +42,16 @@ class RunResult:
     seconds: float
 
 
-def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> RunResult:
+def run(recipe: Recipe, *, address: str | None = None, resume: bool = False, verbose: bool = False) -> RunResult:
     """Train a recipe on Ray; returns when the run's output directory is complete.
 
     SIGTERM, SIGUSR1 (what Slurm sends at the time limit, or before it with --signal) or a
     first Ctrl-C ask the workers to checkpoint at the next step; the run then raises
     RunStopped and keeps `<dir>.partial`, which `resume=True` continues from. A second
     Ctrl-C stops at once and keeps the last checkpoint. A run that fails after a
-    checkpoint keeps it too, so nothing trained is ever deleted.
+    checkpoint keeps it too, so nothing trained is ever deleted. The console shows
+    shardtune's lines and the framework's output goes to logs/framework.log, unless
+    `verbose` (console.py).
     """
     started = time.perf_counter()
     written = Path(recipe.output.dir).resolve()
@@ -74,7 +77,7 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False) -> 
         recipe = _stage_job_inputs(recipe, staging)
         (staging / rundir.STOP_FILE).unlink(missing_ok=True)
         (staging / rundir.RECIPE).write_text(recipe.to_yaml())
-        report = _fit(recipe, staging, address, signalled)
+        report = _fit(recipe, staging, address, signalled, verbose)
         if report.kind is Kind.STOPPED:
             stopped = True
             raise RunStopped(f"stopped at step {report.metrics['step']} of {report.metrics['total_steps']} on "
@@ -238,7 +241,8 @@ def _stop_on_signals(stop_file: Path, signalled: list[int]):
             signal.signal(sig, handler)
 
 
-def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int] | None = None) -> Report:
+def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int] | None = None,
+         verbose: bool = False) -> Report:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -255,7 +259,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
         env.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         if not use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
-        trainer = _trainer_class(TorchTrainer)(
+        trainer = _trainer_class(TorchTrainer, embedded=raycluster.is_embedded())(
             train_loop_per_worker=_ray_worker,
             train_loop_config={"recipe": recipe.model_dump(mode="json"), "stop_file": str(staging / rundir.STOP_FILE)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -272,7 +276,8 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
         )
         try:
             # After ray.init, which installs its own SIGTERM handler for drivers.
-            with _stop_on_signals(staging / rundir.STOP_FILE, signalled if signalled is not None else []):
+            with _stop_on_signals(staging / rundir.STOP_FILE, signalled if signalled is not None else []), \
+                    run_console(staging / rundir.LOGS / FRAMEWORK_LOG, verbose=verbose):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise _explain_failure(exc) from None
@@ -286,7 +291,10 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
             raise RunError("the workers finished without reporting the final checkpoint; see the log above")
         with result.checkpoint.as_directory() as checkpoint:
             for item in Path(checkpoint).iterdir():
-                shutil.move(str(item), staging / item.name)
+                if item.is_dir() and (staging / item.name).is_dir():  # logs/: framework.log is there already
+                    shutil.copytree(item, staging / item.name, dirs_exist_ok=True)
+                else:
+                    shutil.move(str(item), staging / item.name)
         return report
     finally:
         if started_here:
@@ -306,16 +314,30 @@ def checkpoint_config(recipe: Recipe):
                             checkpoint_score_order=mode)
 
 
-def _trainer_class(base):
-    """Ray Train's trainer, without its own Ctrl-C handler.
+def _trainer_class(base, embedded: bool = False):
+    """Ray Train's trainer, without its own Ctrl-C handler, and on an embedded cluster
+    without its PlacementGroupCleaner.
 
     Ray's handler (registered inside fit) aborts the run on the first Ctrl-C and throws
-    away the chance to checkpoint; shardtune's (_stop_on_signals) checkpoints first."""
+    away the chance to checkpoint; shardtune's (_stop_on_signals) checkpoints first. The
+    cleaner is a detached actor that removes the run's placement group if the controller
+    dies while the cluster lives on; it asks Ray's state API (the dashboard) once a second
+    whether the controller is alive. An embedded cluster has no dashboard, so every poll
+    failed with a logged warning (298 in the quick-start), and it ends with its driver, the
+    placement group with it: there is nothing for the cleaner to do."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
     class Trainer(base):
         _controller = None
 
         def _register_sigint_handler(self, controller):
             self._controller = controller
+
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if embedded:
+                callbacks = [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            return callbacks
 
         def kill_controller(self) -> None:
             import ray

@@ -23,6 +23,8 @@ def connect(recipe: Recipe, address: str | None) -> bool:
         return False  # a caller (a test session, a notebook) owns the cluster
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address:
+        global _embedded
+        _embedded = False
         try:
             ray.init(address=address, **quiet)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, AuthenticationError...
@@ -38,6 +40,9 @@ def connect(recipe: Recipe, address: str | None) -> bool:
             raise RunError(f"cannot attach to the Ray cluster at {address} ({first_line}); "
                            + "; ".join(hints)) from None
         return True
+    # Ray announces its (automatic) token on every start of a cluster that only this
+    # machine's loopback can reach; the token itself is what guards it.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     cl = recipe.cluster
     needed = cl.workers * cl.cpus_per_worker
     start_embedded_cluster(num_cpus=max(needed, os.cpu_count() or 1),
@@ -112,6 +117,15 @@ def _cluster_mode_off(ray_constants):
             os.environ[name] = before
 
 
+_embedded = False  # whether this process's Ray cluster is one start_embedded_cluster started
+
+
+def is_embedded() -> bool:
+    import ray
+
+    return _embedded and ray.is_initialized()
+
+
 def start_embedded_cluster(**kwargs) -> None:
     """A single-node Ray cluster in this process that listens on 127.0.0.1 only.
 
@@ -120,7 +134,9 @@ def start_embedded_cluster(**kwargs) -> None:
     "cluster mode" off (the switch Ray reads on macOS and Windows) it keeps 127.0.0.1 and
     binds every port there; Ray's child processes read the same switch from the
     environment. "local" never attaches to a cluster left running on the host; no
-    dashboard. A start that times out under load is retried once."""
+    dashboard (measured here: +1 GB of memory and 11 processes), so no state API either,
+    which is why orchestrate leaves out Ray Train's PlacementGroupCleaner on it. A start
+    that times out under load is retried once."""
     import ray
     import ray._private.ray_constants as ray_constants
 
@@ -129,6 +145,8 @@ def start_embedded_cluster(**kwargs) -> None:
             with _cluster_mode_off(ray_constants):
                 ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
             _reap_if_killed()
+            global _embedded
+            _embedded = True
             return
         except Exception as exc:  # Ray raises a bare Exception for a node that did not come up
             if "timed out during startup" not in str(exc) and "Timed out" not in str(exc):

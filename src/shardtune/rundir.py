@@ -11,7 +11,7 @@ data folder, a home directory or a source tree that output.dir happened to name.
   task.json      what rebuilds the task (label names)
   recipe.yaml    the recipe as resolved
   metrics.json   every evaluation, the final metrics and the run summary
-  logs/          train.log and TensorBoard events
+  logs/          train.log, TensorBoard events, framework.log (Ray's, DeepSpeed's, transformers' output)
   report/        index.html and its plots (runreport.py; `shardtune report` adds tables)
   .shardtune-run the marker (JSON: what wrote it, and when)
 """

@@ -6,6 +6,7 @@ model's outputs on them, on this machine's GPU when it has one (inference.py).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -93,13 +94,31 @@ def validation_rows(run_dir: Path, loaded) -> list:
 
 def infer(run_dir: Path, data: Optional[Path], fmt: Optional[str], batch_size: int, *, with_targets: bool,
           overrides: Optional[list[str]] = None, say: Callable[[str], None] = print):
-    """(loaded run, rows, examples, outputs) of a forward pass over the rows, in batches."""
+    """(loaded run, rows, examples, outputs) of a forward pass over the rows, in batches,
+    with a progress bar on a terminal."""
     loaded, rows = load_rows(run_dir, data, fmt, with_targets, overrides, say)  # a missing file: refused at once
     from shardtune.inference import forward_outputs
 
     examples = loaded.task.encode(rows, loaded.tokenizer, with_targets=with_targets)
-    outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size, loaded.device)
+    with batch_progress(f"scoring {len(examples)} examples on {loaded.device.type}") as progress:
+        outputs = forward_outputs(loaded.model, loaded.task, loaded.tokenizer, examples, batch_size, loaded.device,
+                                  progress=progress)
     return loaded, rows, examples, outputs
+
+
+@contextmanager
+def batch_progress(what: str):
+    """A progress callback: a rich bar on stderr when it is a terminal, else nothing."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def report_tables(run_dir: Path, data: Optional[Path], fmt: Optional[str], batch_size: int, samples: int,

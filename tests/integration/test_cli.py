@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import yaml
@@ -41,6 +42,23 @@ def test_run_prints_a_summary(trained_run):
     out = trained_run["output"]
     for fragment in ("validation accuracy", "before", "after", "trainable parameters:", "outputs:"):
         assert fragment in out
+
+
+FRAMEWORK = re.compile(r"pid=|RayTrainWorker|TrainController|TrainingReport|LOAD REPORT|Warning|warnings\.warn|"
+                       r"\bINFO\b|\bWARNING\b|DeepSpeed|\[transformers\]|Traceback|\x1b\[|autoscaler")
+
+
+def test_the_console_shows_shardtunes_lines_and_the_framework_goes_to_the_log(trained_run):
+    """By default a run's console is shardtune's: its progress lines and summary. Ray's,
+    DeepSpeed's and transformers' output is in logs/framework.log (--verbose shows it)."""
+    lines = trained_run["output"].splitlines()
+    framework = [line for line in lines if FRAMEWORK.search(line)]
+    assert len(framework) <= 5, framework
+    assert sum("[shardtune " in line for line in lines) >= 5
+    assert any("step 66/66" in line for line in lines)
+    filed = (trained_run["dir"] / "logs" / "framework.log").read_text()
+    assert "RayTrainWorker" in filed and "TrainController" in filed
+    assert "Failed to query Ray Train Controller" not in filed  # the embedded cluster serves the state API
 
 
 def test_accumulation_and_evaluation_every_n_steps(trained_run):
@@ -363,3 +381,18 @@ def test_if_exists_new_keeps_the_earlier_run(trained_run, tmp_path):
     assert f"this one goes to {siblings[0]}" in result.output
     assert (first / "metrics.json").read_bytes() == before
     assert yaml.safe_load((siblings[0] / "recipe.yaml").read_text())["output"]["dir"] == str(siblings[0])
+
+
+def test_eval_prints_its_answer_and_not_the_libraries(trained_run, sentiment_data):
+    """In a fresh process (transformers reads its verbosity once, at import): the metrics,
+    without transformers' load report, its loading bar, FutureWarnings or bitsandbytes' notes."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "shardtune.cli", "eval", str(trained_run["dir"]), "--data",
+                           str(sentiment_data["test"])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["examples"] == 60
+    noise = [line for line in (done.stdout + done.stderr).splitlines() if FRAMEWORK.search(line)
+             or "Loading weights" in line or "kernels" in line]
+    assert noise == [], noise

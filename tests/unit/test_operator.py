@@ -262,3 +262,32 @@ def test_if_exists_new_gives_a_second_run_a_fresh_folder_and_resume_finds_its_ch
 def test_shipped_recipes_keep_earlier_runs():
     for recipe in RECIPES.glob("*.yaml"):
         assert yaml.safe_load(recipe.read_text())["output"].get("if_exists") == "new", recipe.name
+
+
+# ------------------------------------------------------------------------ the console
+def test_run_console_shows_shardtunes_lines_and_files_the_rest(tmp_path):
+    """On Ray's own dispatcher (what log_to_driver feeds): framework lines go to the file
+    only, shardtune's to the console, and Ray's printer is back afterwards."""
+    import io
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from rich.console import Console
+
+    from shardtune.console import run_console
+
+    before = list(dispatcher.handlers)
+    screen = io.StringIO()
+    batch = {"pid": 7, "ip": "127.0.0.1", "actor_name": "RayTrainWorker", "is_err": False,
+             "lines": ["\x1b[1mBertForSequenceClassification LOAD REPORT\x1b[0m", "FutureWarning: x",
+                       "[shardtune 10:00:00] epoch 1/2 step 10/40 loss 0.69 lr 1.5e-02 0.01s/step ~6,031 tok/s eta 0s"]}
+    with run_console(tmp_path / "logs" / "framework.log", verbose=False, console=Console(file=screen)):
+        assert [name for name, _ in dispatcher.handlers if name == "ray_print_logs"] == []
+        dispatcher.emit(batch)
+    assert screen.getvalue().splitlines() == [batch["lines"][2]]
+    filed = (tmp_path / "logs" / "framework.log").read_text().splitlines()
+    assert filed[0] == "(RayTrainWorker pid=7, 127.0.0.1) BertForSequenceClassification LOAD REPORT"  # uncoloured
+    assert len(filed) == 3
+    assert dispatcher.handlers == before
+    with run_console(tmp_path / "other.log", verbose=True):  # --verbose: Ray prints as it always does
+        assert dispatcher.handlers == before
+    assert not (tmp_path / "other.log").exists()
