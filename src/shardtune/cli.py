@@ -484,16 +484,14 @@ def jobs_stop(job_id: str, address: str = AddressOpt) -> None:
 # ---------------------------------------------------------------------------- helpers
 def _needs(run_dir: Path, capability, command: str) -> None:
     """Refuse a run whose task cannot do what the command asks, from its recipe.yaml alone."""
-    from shardtune.recipe import load_raw
+    from shardtune.scoring import recorded_kind_can, recorded_task_type
     from shardtune.tasks import task_kinds
 
-    recipe = run_dir / "recipe.yaml"
-    if not recipe.is_file():
+    task_type = recorded_task_type(run_dir) if run_dir.is_dir() else None
+    if task_type is None:
         raise RunError(f"'{run_dir}' is not a finished shardtune run: recipe.yaml is missing (give the output.dir "
                        "of a run that completed)")
-    kinds = {kind.type: kind for kind in task_kinds()}
-    task_type = (load_raw(recipe).get("task") or {}).get("type", "sequence_classification")
-    if task_type not in kinds or not kinds[task_type].can(capability):
+    if not recorded_kind_can(run_dir, capability):
         able = " or ".join(kind.type for kind in task_kinds() if kind.can(capability))
         raise RunError(f"'{run_dir}' is a {task_type} run; {command} needs a {able} run")
 

@@ -13,17 +13,31 @@ from typing import Callable, Optional
 from shardtune.errors import DataError, RecipeError
 
 
-def generates(run_dir: Path) -> bool:
-    """Whether the run (or recipe) is of a task whose predictions are generated text."""
+def recorded_task_type(run_dir: Path) -> str | None:
+    """The task type a run's recipe.yaml (or a recipe file) names, read as plain YAML (no
+    model, no validation: commands refuse a wrong run before loading anything); None when
+    there is no recipe."""
     from shardtune.recipe import load_raw
-    from shardtune.tasks import Can, task_kinds
 
     recipe = run_dir if run_dir.is_file() else run_dir / "recipe.yaml"
     if not recipe.is_file():
-        return False
+        return None
+    return (load_raw(recipe).get("task") or {}).get("type", "sequence_classification")
+
+
+def recorded_kind_can(run_dir: Path, capability) -> bool:
+    from shardtune.tasks import task_kinds
+
     kinds = {kind.type: kind for kind in task_kinds()}
-    kind = kinds.get((load_raw(recipe).get("task") or {}).get("type"))
-    return kind is not None and kind.can(Can.GENERATE)
+    kind = kinds.get(recorded_task_type(run_dir))
+    return kind is not None and kind.can(capability)
+
+
+def generates(run_dir: Path) -> bool:
+    """Whether the run (or recipe) is of a task whose predictions are generated text."""
+    from shardtune.tasks import Can
+
+    return recorded_kind_can(run_dir, Can.GENERATE)
 
 
 def load(run_dir: Path, overrides: list[str]):
