@@ -8,6 +8,7 @@ A checkpoint folder holds:
                           evaluation history, the logged steps, the seed and the recipe's
                           fingerprint
   rank-N.safetensors      each rank's torch RNG state and running loss
+  committed               in Ray's storage, once every rank's files are there (rayworker.py)
 
 A checkpoint in a shared run folder is a way into every node: anyone who can write a
 pickle there gets it run by the next resume. So the loss-scaler, enum and fragment
@@ -25,9 +26,9 @@ from pathlib import Path
 import torch
 
 from shardtune.errors import RunError
+from shardtune.rundir import TRAIN_STATE
 
 DEEPSPEED_TAG = "state"
-TRAIN_STATE = "trainstate.json"
 
 # Recipe fields that do not change what a run computes: a resume may differ in these.
 NEUTRAL_FIELDS = {"output", "slurm", ("cluster", "address"), ("cluster", "max_failures"),

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from shardtune import raycluster, rundir, runreport
 from shardtune.console import FRAMEWORK_LOG, run_console
-from shardtune.engine import train_worker
 from shardtune.export import write_metrics
 from shardtune.errors import RecipeError, RunError, RunStopped, ShardtuneError
 from shardtune.reports import Kind, Report
+from shardtune.rayworker import ray_worker
 from shardtune.recipe import Recipe
 
 # Environment every worker needs: no hub access attempts when offline, quiet tokenizers.
@@ -260,7 +260,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
         if not use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         trainer = _trainer_class(TorchTrainer, embedded=raycluster.is_embedded())(
-            train_loop_per_worker=_ray_worker,
+            train_loop_per_worker=ray_worker,
             train_loop_config={"recipe": recipe.model_dump(mode="json"), "stop_file": str(staging / rundir.STOP_FILE)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -382,51 +382,3 @@ def _finish(staging: Path, final_dir: Path, recipe: Recipe, final: dict, started
     if not recipe.output.keep_checkpoints:
         shutil.rmtree(staging / rundir.RAY_DIR, ignore_errors=True)
     rundir.publish(staging, final_dir)
-
-
-class _RayReporter:
-    def __init__(self, stop_file: str):
-        self.stop_file = Path(stop_file)
-
-    def stop_requested(self) -> bool:
-        return self.stop_file.exists()
-
-    def node(self) -> str:
-        import ray.util
-
-        return ray.util.get_node_ip_address()
-
-    def device(self):
-        """The GPU Ray assigned this worker (it sets CUDA_VISIBLE_DEVICES per worker, so
-        LOCAL_RANK need not be its index), or the CPU."""
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-
-    def report(self, report: Report, checkpoint_dir: str | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(report.to_metrics(), checkpoint=checkpoint)
-
-    def latest_checkpoint(self, scratch: Path) -> str | None:
-        """The last reported checkpoint, read in place when the run's storage is a local or
-        shared file system, else downloaded into this worker's own scratch folder.
-
-        Not Checkpoint.to_directory(): it downloads into one temporary folder per node,
-        and a second worker on the node can start downloading again after the first
-        finished, rewriting the files the first is loading (seen as a corrupt zip after a
-        SIGKILLed driver's run was resumed)."""
-        import pyarrow.fs
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and os.path.isdir(checkpoint.path):
-            return checkpoint.path
-        return checkpoint.to_directory(str(scratch / "restored"))
-
-
-def _ray_worker(config: dict) -> None:
-    train_worker(config["recipe"], _RayReporter(config["stop_file"]))

@@ -39,6 +39,8 @@ LOGS = "logs"
 REPORT = "report"
 STOP_FILE = "STOP"         # created by the launcher to ask the workers to checkpoint and stop
 RAY_DIR = "ray"            # Ray Train's storage (its checkpoints) inside the staging folder
+COMMITTED = "committed"    # in a checkpoint folder once every rank's files are in it (rayworker.py)
+TRAIN_STATE = "trainstate.json"  # a checkpoint's progress (checkpoint.py writes it)
 STAGING_SUFFIX = ".partial"
 
 
@@ -132,12 +134,40 @@ def claim_problem(final_dir: Path, if_exists: str, resume: bool) -> str | None:
 
 
 def has_checkpoint(staging: Path) -> bool:
-    """Whether an interrupted run left a checkpoint Ray Train would resume from."""
-    snapshot = staging / RAY_DIR / "checkpoint_manager_snapshot.json"
+    """Whether an interrupted run left a checkpoint to resume from: one Ray's snapshot
+    records, or a committed one its controller had not recorded yet when it was killed."""
+    return bool(recorded_checkpoints(staging)) or newest_committed(staging / RAY_DIR) is not None
+
+
+def recorded_checkpoints(staging: Path) -> list[str]:
+    """The checkpoint folders Ray's controller recorded in its snapshot (written each time it
+    registers one; Ray's _CheckpointManagerState)."""
     try:
-        return "checkpoint_" in snapshot.read_text(errors="ignore")
+        state = json.loads((staging / RAY_DIR / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(state, dict):
+        return []
+    results = [*(state.get("checkpoint_results") or []), state.get("latest_checkpoint_result")]
+    return [r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and r.get("checkpoint_dir_name")]
+
+
+def newest_committed(ray_dir: Path) -> Path | None:
+    """The committed checkpoint folder in Ray's storage that got furthest, or None."""
+    try:
+        found = [d for d in ray_dir.glob("checkpoint_*") if (d / COMMITTED).is_file()]
     except OSError:
-        return False
+        return None
+    return max(found, key=progress, default=None)
+
+
+def progress(checkpoint_dir: Path) -> tuple[int, int]:
+    """(epochs done, micro-batches done in the next one): how far a checkpoint got."""
+    try:
+        state = json.loads((checkpoint_dir / TRAIN_STATE).read_text())
+        return int(state["epoch"]), int(state.get("micro_batches_done", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, -1
 
 
 def claim(final_dir: Path, if_exists: str, resume: bool) -> tuple[Path, bool]:

@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from shardtune.cli import app
+from shardtune.errors import RunError
 from shardtune.recipe import validate_recipe
 
 cli = CliRunner()
@@ -254,9 +255,37 @@ def test_if_exists_new_gives_a_second_run_a_fresh_folder_and_resume_finds_its_ch
     # an interrupted second run: --resume continues it, not the finished first one
     staging = staging_of(fresh)
     (staging / RAY_DIR).mkdir(parents=True)
-    (staging / RAY_DIR / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_1": {}}')
+    (staging / RAY_DIR / "checkpoint_manager_snapshot.json").write_text('{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-02_10-00-01", "metrics": {}}}')
     assert choose_final_dir(written, "new", resume=True) == fresh
     assert choose_final_dir(written, "new", resume=False) not in (written, fresh)
+
+
+def test_a_committed_checkpoint_counts_though_rays_snapshot_never_named_it(tmp_path):
+    """A driver killed between the workers' commit and the controller's next poll leaves a
+    whole checkpoint the snapshot lacks: it is kept, and the furthest one is resumed."""
+    import json
+
+    from shardtune.rundir import COMMITTED, RAY_DIR, claim, has_checkpoint, mark, newest_committed
+
+    final = tmp_path / "run"
+    staging = tmp_path / "run.partial"
+    (staging / RAY_DIR).mkdir(parents=True)
+    mark(staging)
+    (staging / RAY_DIR / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_results": []}')
+    half = staging / RAY_DIR / "checkpoint_2026-12-02_10-00-03"  # uploaded by some ranks only
+    half.mkdir()
+    (half / "trainstate.json").write_text(json.dumps({"epoch": 3}))
+    assert not has_checkpoint(staging)
+    for name, epoch, micro in (("checkpoint_2026-12-02_10-00-01", 1, 0), ("checkpoint_2026-12-02_10-00-02", 1, 7)):
+        (staging / RAY_DIR / name).mkdir()
+        (staging / RAY_DIR / name / "trainstate.json").write_text(json.dumps({"epoch": epoch,
+                                                                             "micro_batches_done": micro}))
+        (staging / RAY_DIR / name / COMMITTED).write_text("2\n")
+    assert has_checkpoint(staging)
+    assert newest_committed(staging / RAY_DIR).name == "checkpoint_2026-12-02_10-00-02"  # furthest, not newest
+    with pytest.raises(RunError, match="continue it with --resume"):
+        claim(final, "error", resume=False)
+    assert claim(final, "error", resume=True) == (staging, True)
 
 
 def test_shipped_recipes_keep_earlier_runs():

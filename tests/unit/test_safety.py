@@ -120,7 +120,7 @@ def test_an_interrupted_runs_checkpoint_is_not_thrown_away(tmp_path):
     staging.mkdir()
     rundir.mark(staging)
     (staging / "ray").mkdir()
-    (staging / "ray" / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_2026": 1}')
+    (staging / "ray" / "checkpoint_manager_snapshot.json").write_text('{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-02_10-00-01", "metrics": {}}}')
     with pytest.raises(RunError, match="holds the checkpoint of an interrupted run; continue it with --resume"):
         rundir.claim(tmp_path / "run", "overwrite", resume=False)
     assert rundir.claim(tmp_path / "run", "overwrite", resume=True) == (staging, True)
