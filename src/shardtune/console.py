@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 FRAMEWORK_LOG = "framework.log"  # in the run's logs/
 PREFIX = "[shardtune "
 RAY_PRINTER = "ray_print_logs"  # the name Ray registers its printer under
-STEP = re.compile(r"epoch (?P<epoch>\d+)/(?P<epochs>\d+) step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\S+) "
+STEP = re.compile(r"epoch (?P<epoch>[\d.]+)/(?P<epochs>\d+) step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\S+) "
                   r"lr (?P<lr>\S+) .*?~(?P<rate>[\d,]+) tok/s")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -230,15 +230,14 @@ def resume(w: Worker, directory: str | None) -> None:
 def fit(w: Worker, reporter: Reporter) -> bool:
     """Train to the end (True), or until a stop was asked for and checkpointed (False)."""
     if w.recipe.train.eval_before_training and not w.history:
-        reporter.report(Report.evaluation(evaluate(w, 0)), None)
+        reporter.report(Report.evaluation(evaluate(w)), None)
     for epoch in range(w.start_epoch, w.epochs):
         loss_sum = train_epoch(w, reporter, epoch)
         if loss_sum is None:
             return False
         # End of epoch: evaluate and checkpoint everything (adapter, optimizer, schedule).
         dist.all_reduce(loss_sum)
-        metrics = evaluate(w, w.engine.global_steps / w.steps_per_epoch,
-                           train_loss=float(loss_sum[0] / max(loss_sum[1], 1)))
+        metrics = evaluate(w, train_loss=float(loss_sum[0] / max(loss_sum[1], 1)))
         saved = save_checkpoint(w, f"checkpoint-{epoch + 1}", epoch + 1, 0, torch.zeros_like(loss_sum))
         reporter.report(Report.evaluation(metrics), str(saved))
         shutil.rmtree(saved, ignore_errors=True)  # the reporter has its own copy now
@@ -291,9 +290,9 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
             w.time_to_first_step = now - w.started
         step = engine.global_steps
         if step % tr.log_every_steps == 0 or step == w.total_steps:
-            log_step(w, epoch, step, loss.item())
+            log_step(w, step, loss.item())
         if tr.eval_every_steps and step % tr.eval_every_steps == 0 and step != w.total_steps:
-            reporter.report(Report.evaluation(evaluate(w, step / w.steps_per_epoch)), None)
+            reporter.report(Report.evaluation(evaluate(w)), None)
         if step >= w.total_steps:
             break
         if _stop_agreed(reporter, w.device):
@@ -307,19 +306,26 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
     return loss_sum
 
 
-def log_step(w: Worker, epoch: int, step: int, loss: float) -> None:
+def log_step(w: Worker, step: int, loss: float) -> None:
     lr = w.engine.get_lr()[0]
     eta = statistics.median(w.step_times[-20:]) * (w.total_steps - step)
     recent = slice(-min(len(w.step_times), w.recipe.train.log_every_steps), None)
     seconds = sum(w.step_times[recent])
     # This rank's tokens times the world: the run's rate, up to the ranks' padding differences.
     tokens_per_s = sum(t[0] for t in w.step_work[recent]) * w.world / max(seconds, 1e-9)
-    w.log(f"epoch {epoch + 1}/{w.epochs} step {step}/{w.total_steps} loss {loss:.4f} "
+    # The same epoch figure as the validation lines and metrics.json: epochs done, fractional.
+    w.log(f"epoch {epochs_done(w, step):g}/{w.epochs} step {step}/{w.total_steps} loss {loss:.4f} "
           f"lr {lr:.2e} {w.step_times[-1]:.2f}s/step ~{tokens_per_s:,.0f} tok/s eta {_duration(eta)}")
-    point = {"step": step, "epoch": round(step / w.steps_per_epoch, 4), "loss": loss, "lr": lr,
+    point = {"step": step, "epoch": epochs_done(w, step), "loss": loss, "lr": lr,
              "tokens_per_s": round(tokens_per_s, 1), "step_s": round(w.step_times[-1], 4)}
     w.steps.append(point)
     w.log.scalars("train", point, step)
+
+
+def epochs_done(w: Worker, step: int) -> float:
+    """Epochs of optimizer steps done at `step`, as the step lines, the validation lines and
+    metrics.json all state it (HF Trainer's convention: 1.5 is half-way through the second)."""
+    return round(step / w.steps_per_epoch, 2)
 
 
 def dataloader_workers(w: Worker) -> int:
@@ -337,7 +343,7 @@ def save_checkpoint(w: Worker, name: str, epoch: int, micro_done: int, loss_sum:
     return directory
 
 
-def evaluate(w: Worker, epoch: float, **extra) -> dict:
+def evaluate(w: Worker, **extra) -> dict:
     val = w.data.val_examples
     indices = eval_shard(len(val), w.world, w.rank)
     batch_size = w.recipe.train.eval_batch_size or 2 * w.recipe.train.micro_batch_size
@@ -353,7 +359,8 @@ def evaluate(w: Worker, epoch: float, **extra) -> dict:
         ordered = [by_index[i] for i in range(len(val))]
         scored = [w.task.metrics(ordered, val)]
     dist.broadcast_object_list(scored, src=0)
-    metrics = {"epoch": round(epoch, 4), "step": w.engine.global_steps, **scored[0], **extra}
+    epoch = epochs_done(w, w.engine.global_steps)
+    metrics = {"epoch": epoch, "step": w.engine.global_steps, **scored[0], **extra}
     best = w.recipe.output.keep_best_by
     if best is not None and best not in metrics:
         raise RecipeError(f"output.keep_best_by: {best!r} is not a metric this task reports; it reports "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def stage_runs(ray_session, tiny_bert, sentiment_data, tmp_path_factory):
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["query", "value"]},
         "data": {"train": str(sentiment_data["train"]), "validation_split": 0.2, "max_length": 32},
         "train": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 2e-2, "warmup_ratio": 0.0,
-                  "log_every_steps": 20},
+                  "log_every_steps": 10},
         "cluster": {"workers": 2},
     }
     runs = {}
@@ -63,6 +64,18 @@ def test_run_directory_is_complete(stage_runs):
     assert json.loads((run_dir / "task.json").read_text()) == {"labels": ["neg", "pos"]}
     log = (run_dir / "logs" / "train.log").read_text()
     assert "model ready" in log and "validation loss" in log
+
+
+def test_the_console_and_the_metrics_state_the_same_epoch(stage_runs):
+    """A step line's epoch, a validation line's epoch and metrics.json's are one figure."""
+    run_dir = stage_runs[2]
+    log = (run_dir / "logs" / "train.log").read_text()
+    metrics = metrics_of(run_dir)
+    logged = {int(m["step"]): float(m["epoch"]) for m in re.finditer(r"epoch (?P<epoch>[\d.]+)/3 step (?P<step>\d+)/", log)}
+    assert logged and {p["step"]: p["epoch"] for p in metrics["steps"] if p["step"] in logged} == logged
+    validated = [float(e) for e in re.findall(r"\(epoch ([\d.]+), step \d+\)", log)]
+    assert validated == [m["epoch"] for m in metrics["history"]]
+    assert logged[30] == 1.5  # half-way through the second epoch of 20 steps
 
 
 def test_checkpoints_kept_are_the_best_by_the_recipes_metric(stage_runs):

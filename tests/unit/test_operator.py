@@ -4,6 +4,7 @@ trackers' settings, the run report's tables and page, macro-F1 over the labels p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +309,7 @@ def test_run_console_shows_shardtunes_lines_and_files_the_rest(tmp_path):
     screen = io.StringIO()
     batch = {"pid": 7, "ip": "127.0.0.1", "actor_name": "RayTrainWorker", "is_err": False,
              "lines": ["\x1b[1mBertForSequenceClassification LOAD REPORT\x1b[0m", "FutureWarning: x",
-                       "[shardtune 10:00:00] epoch 1/2 step 10/40 loss 0.69 lr 1.5e-02 0.01s/step ~6,031 tok/s eta 0s"]}
+                       "[shardtune 10:00:00] epoch 0.5/2 step 10/40 loss 0.69 lr 1.5e-02 0.01s/step ~6,031 tok/s eta 0s"]}
     with run_console(tmp_path / "logs" / "framework.log", verbose=False, console=Console(file=screen)):
         assert [name for name, _ in dispatcher.handlers if name == "ray_print_logs"] == []
         dispatcher.emit(batch)
@@ -320,3 +321,27 @@ def test_run_console_shows_shardtunes_lines_and_files_the_rest(tmp_path):
     with run_console(tmp_path / "other.log", verbose=True):  # --verbose: Ray prints as it always does
         assert dispatcher.handlers == before
     assert not (tmp_path / "other.log").exists()
+
+
+def test_on_a_terminal_step_lines_drive_one_progress_bar(tmp_path):
+    """A terminal gets a rich bar (step, epoch, loss, lr, tok/s, ETA) instead of step lines;
+    shardtune's other lines still print above it."""
+    import io
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from rich.console import Console
+
+    from shardtune.console import run_console
+
+    screen = io.StringIO()
+    step = "[shardtune 10:00:0{}] epoch {}/2 step {}/40 loss 0.{} lr 1.5e-02 0.01s/step ~6,031 tok/s eta 0s"
+    lines = [step.format(1, 0.5, 10, 69), "[shardtune 10:00:02] validation loss 0.6000 (epoch 1, step 20)",
+             step.format(3, 1.5, 30, 42)]
+    with run_console(tmp_path / "framework.log", verbose=False,
+                     console=Console(file=screen, force_terminal=True, width=160)):
+        for line in lines:
+            dispatcher.emit({"pid": 7, "ip": "127.0.0.1", "actor_name": "RayTrainWorker", "lines": [line]})
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "validation loss 0.6000 (epoch 1, step 20)" in text
+    assert "step 30/40" in text and "epoch 1.5/2 loss 0.42 lr 1.5e-02 6,031 tok/s" in text
+    assert "step 10/40 loss" not in text  # the step lines became the bar, not printed lines
