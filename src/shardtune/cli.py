@@ -194,6 +194,40 @@ def plan(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg
         out.print(f"recommended: {result['recommended'] or 'nothing fits; add workers or quantise the backbone'}")
 
 
+@app.command()
+@_command
+def sweep(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
+          space: Optional[Path] = typer.Option(None, "--space", help="the search space and budget (YAML; see "
+                                                                     "recipes/sweeps/)"),
+          grid: Optional[list[str]] = typer.Option(None, "--grid", help="KEY=[a,b]: try each value (repeatable)"),
+          out_dir: Path = typer.Option(..., "--out", help="the sweep's folder: trials, results.csv, best.yaml"),
+          trials: Optional[int] = typer.Option(None, "--trials", min=1, help="samples of the space"),
+          max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="trials at once"),
+          time_budget: Optional[float] = typer.Option(None, "--time-budget", help="seconds for the whole sweep"),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (default: an embedded cluster)"),
+          resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep in --out"),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="show the trials' output too")) -> None:
+    """Sweep a recipe's fields on Ray Tune (ASHA early stopping); every trial is a full run."""
+    from shardtune.recipe import apply_overrides, load_raw, validate_recipe
+    from shardtune.sweepspace import load_space
+
+    raw = apply_overrides(load_raw(recipe), overrides or [])
+    base = validate_recipe(raw, where=str(recipe))
+    chosen = load_space(space, grid or [], trials=trials, max_concurrent=max_concurrent, time_budget_s=time_budget)
+    from shardtune import sweep as sweeping
+
+    result = sweeping.sweep(raw, base, chosen, out_dir, where=str(recipe), address=address, resume=resume,
+                            verbose=verbose, say=_say)
+    sweeping.write_outputs(result, sweeping.prepared_raw(result.out), base.output.dir)
+    out.print(sweeping.table(result))
+    sweeping.check_reported(result)
+    if result.best is None:
+        raise RunError(f"no trial finished with a {result.metric}; see {result.out / sweeping.RESULTS}")
+    _say(f"best: {result.best.name} ({result.metric} {result.best.metric:.4f}); its recipe is "
+         f"{result.out / sweeping.BEST}, the table {result.out / sweeping.RESULTS}, the plot "
+         f"{result.out / sweeping.PLOT}")
+
+
 SET_HELP = ("KEY=VALUE: any recipe field for a zero-shot recipe; data.* only for a finished run (e.g. "
             "data.columns.text=review for a file whose columns are named differently)")
 RunOrRecipeArg = typer.Argument(..., help="a finished run's output directory, or (zero-shot) a "

@@ -34,10 +34,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class RunView:
     """Where the forwarded lines go: all of them to the file, shardtune's to the console."""
 
-    def __init__(self, log_path: Path, console: Console):
+    def __init__(self, log_path: Path, console: Console, show: bool = True):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(log_path, "a", buffering=1, errors="replace")
-        self.path, self.console, self.lines = log_path, console, 0
+        self.path, self.console, self.lines, self.shows = log_path, console, 0, show
         self.lock = threading.Lock()
         self.progress: Progress | None = None
         self.task = None
@@ -50,7 +50,7 @@ class RunView:
                 plain = ANSI.sub("", line)
                 self.file.write(f"({who} pid={data.get('pid')}, {data.get('ip')}) {plain}\n")
                 self.lines += 1
-                if PREFIX in plain:
+                if self.shows and PREFIX in plain:
                     self.show(plain[plain.index(PREFIX):])
 
     def show(self, line: str) -> None:
@@ -80,14 +80,15 @@ class RunView:
 
 
 @contextmanager
-def run_console(log_path: Path, *, verbose: bool, console: Console | None = None):
-    """While the block runs, forwarded output goes through a RunView (unless verbose)."""
+def run_console(log_path: Path, *, verbose: bool, console: Console | None = None, show: bool = True):
+    """While the block runs, forwarded output goes through a RunView (unless verbose);
+    `show=False` files shardtune's lines too (a sweep, whose trials' lines would interleave)."""
     if verbose:
         yield None
         return
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    view = RunView(log_path, console or Console(soft_wrap=True))
+    view = RunView(log_path, console or Console(soft_wrap=True), show)
     with dispatcher._lock:
         saved = [pair for pair in dispatcher.handlers if pair[0] == RAY_PRINTER]
     dispatcher.remove_handler(RAY_PRINTER)

@@ -42,7 +42,8 @@ class RunResult:
     seconds: float
 
 
-def run(recipe: Recipe, *, address: str | None = None, resume: bool = False, verbose: bool = False) -> RunResult:
+def run(recipe: Recipe, *, address: str | None = None, resume: bool = False, verbose: bool = False,
+        callbacks: list | None = None) -> RunResult:
     """Train a recipe on Ray; returns when the run's output directory is complete.
 
     SIGTERM, SIGUSR1 (what Slurm sends at the time limit, or before it with --signal) or a
@@ -51,7 +52,8 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False, ver
     Ctrl-C stops at once and keeps the last checkpoint. A run that fails after a
     checkpoint keeps it too, so nothing trained is ever deleted. The console shows
     shardtune's lines and the framework's output goes to logs/framework.log, unless
-    `verbose` (console.py).
+    `verbose` (console.py). `callbacks`: Ray Train callbacks (a sweep's trial passes
+    Tune's, which forwards every report to Tune).
     """
     started = time.perf_counter()
     written = Path(recipe.output.dir).resolve()
@@ -77,7 +79,7 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False, ver
         recipe = _stage_job_inputs(recipe, staging)
         (staging / rundir.STOP_FILE).unlink(missing_ok=True)
         (staging / rundir.RECIPE).write_text(recipe.to_yaml())
-        report = _fit(recipe, staging, address, signalled, verbose)
+        report = _fit(recipe, staging, address, signalled, verbose, callbacks)
         if report.kind is Kind.STOPPED:
             stopped = True
             raise RunStopped(f"stopped at step {report.metrics['step']} of {report.metrics['total_steps']} on "
@@ -242,7 +244,7 @@ def _stop_on_signals(stop_file: Path, signalled: list[int]):
 
 
 def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int] | None = None,
-         verbose: bool = False) -> Report:
+         verbose: bool = False, callbacks: list | None = None) -> Report:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -272,7 +274,7 @@ def _fit(recipe: Recipe, staging: Path, address: str | None, signalled: list[int
                 # embedded cluster never grows, and an attached one gets ~10 minutes to scale.
                 failure_config=FailureConfig(max_failures=cl.max_failures,
                                              controller_failure_limit=10 if address else 1),
-                worker_runtime_env={"env_vars": env}),
+                worker_runtime_env={"env_vars": env}, callbacks=callbacks or []),
         )
         try:
             # After ray.init, which installs its own SIGTERM handler for drivers.

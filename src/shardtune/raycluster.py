@@ -15,8 +15,10 @@ from shardtune.errors import RunError
 from shardtune.recipe import Recipe
 
 
-def connect(recipe: Recipe, address: str | None) -> bool:
-    """Attach to `address`, or start an embedded single-node cluster. True if started here."""
+def connect(recipe: Recipe, address: str | None, extra_cpus: int = 0) -> bool:
+    """Attach to `address`, or start an embedded single-node cluster (with `extra_cpus`
+    logical CPUs more than the machine's: a sweep's trial drivers, which only wait, hold
+    a sliver each). True if started here."""
     import ray
 
     if ray.is_initialized():
@@ -45,7 +47,7 @@ def connect(recipe: Recipe, address: str | None) -> bool:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     cl = recipe.cluster
     needed = cl.workers * cl.cpus_per_worker
-    start_embedded_cluster(num_cpus=max(needed, os.cpu_count() or 1),
+    start_embedded_cluster(num_cpus=max(needed, os.cpu_count() or 1) + extra_cpus,
                            num_gpus=int(cl.workers * cl.gpus_per_worker) or None, **quiet)
     return True
 
@@ -124,6 +126,13 @@ def is_embedded() -> bool:
     import ray
 
     return _embedded and ray.is_initialized()
+
+
+def mark_embedded(embedded: bool) -> None:
+    """In a process attached to the cluster by Ray itself (a sweep's trial actor): whether
+    that cluster is the embedded one its driver started."""
+    global _embedded
+    _embedded = embedded
 
 
 def start_embedded_cluster(**kwargs) -> None:

@@ -42,16 +42,22 @@ def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
 
 def apply_overrides(raw: dict, pairs: list[str]) -> dict:
     for path, value in parse_overrides(pairs):
-        node = raw
-        for depth, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(path[: depth + 1])
-                raise RecipeError(f"override '{'.'.join(path)}': '{where}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_value(raw, path, value)
+    return raw
+
+
+def set_value(raw: dict, path: list[str], value: Any) -> dict:
+    """Set `section.key` (as a path) in a raw recipe, making the sections it lacks."""
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise RecipeError(f"'{'.'.join(path)}': '{where}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
     return raw
 
 

@@ -13,17 +13,18 @@ from pydantic import BaseModel
 from shardtune.recipe.sections import ADAPTER_METHODS, ADAPTER_SECTIONS, TASK_TYPES, Recipe, TaskSection
 
 
-def explain_errors(errors: list[dict]) -> list[str]:
+def explain_errors(errors: list[dict], root: type[BaseModel] = Recipe) -> list[str]:
     """One message per problem. A field that takes one of several shapes (a list of module
     names or 'all-linear') fails once per shape in pydantic, under a location that names its
     internal types (`target_modules.list[str]`, `.literal['all-linear']`): those become one
-    message that says what the field accepts."""
+    message that says what the field accepts. `root`: the schema the errors are about (the
+    recipe, or a sweep's space)."""
     messages, unions = [], {}
     for err in errors:
         loc, member = _located(err)
         at = next((i for i, p in enumerate(loc) if _is_type_tag(p)), None)
         if at is None:
-            messages.append(_explain(err))
+            messages.append(_explain(err, root))
             continue
         key = tuple(loc[:at])
         if key not in unions:
@@ -39,7 +40,7 @@ def explain_errors(errors: list[dict]) -> list[str]:
     for item in messages:
         if isinstance(item, tuple):
             union, loc = unions[item], list(item)
-            dotted, desc = ".".join(loc), _describe(loc, union["member"])
+            dotted, desc = ".".join(loc), _describe(loc, union["member"], root)
             out.append(f"{dotted}: input should be {' or '.join(union['shapes'])} (got {_shown(union['input'])})"
                        + (f"; {dotted} is the {desc}" if desc else ""))
         else:
@@ -72,7 +73,7 @@ def _located(err: dict) -> tuple[list[str], dict]:
     return [p for i, p in enumerate(loc) if i not in tags.values()], member
 
 
-def _explain(err: dict) -> str:
+def _explain(err: dict, root: type[BaseModel] = Recipe) -> str:
     loc, member = _located(err)
     dotted = ".".join(loc)
     kind = err["type"]
@@ -81,25 +82,25 @@ def _explain(err: dict) -> str:
         return (f"adapter.method: unknown method {method!r}{_did_you_mean(str(method), ADAPTER_METHODS)}; "
                 f"one of {ADAPTER_METHODS}")
     if kind == "extra_forbidden":
-        parent_fields = _fields_at(loc[:-1], member)
+        parent_fields = _fields_at(loc[:-1], member, root)
         hint = _did_you_mean(loc[-1], parent_fields)
         if not hint and loc[:1] == ["adapter"]:
             owners = [m for m, c in MEMBERS["adapter"].items() if loc[-1] in c.model_fields]
             hint = (f" for adapter.method {member.get('adapter')} (it is a key of {', '.join(owners)}; to switch "
                     f"methods in an override, replace the section: adapter='{{method: {member.get('adapter')}}}')"
                     if owners else "")
-        where = ".".join(loc[:-1]) or "the recipe"
+        where = ".".join(loc[:-1]) or ("the recipe" if root is Recipe else "the file")
         allowed = f"; keys of {where}: {', '.join(sorted(parent_fields))}" if parent_fields else ""
         return f"{dotted}: unknown key{hint}{allowed}"
     if kind == "missing":
-        return f"{dotted}: required; {_describe(loc, member) or 'add it'}"
+        return f"{dotted}: required; {_describe(loc, member, root) or 'add it'}"
     if kind == "union_tag_invalid":
         return f"{dotted}.type: unknown task type {err.get('input', {}).get('type')!r}; one of {TASK_TYPES}"
     if kind == "union_tag_not_found":
         return f"{dotted}.type: required; one of {TASK_TYPES}"
     got = err.get("input")
     got_text = f" (got {_shown(got)})" if not isinstance(got, dict) else ""
-    desc = _describe(loc, member)
+    desc = _describe(loc, member, root)
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"{dotted}: {msg}{got_text}" + (f"; {dotted} is the {desc}" if desc else "")
 
@@ -138,13 +139,18 @@ def _model_class(annotation) -> type[BaseModel] | None:
 MEMBERS = {"adapter": ADAPTER_SECTIONS}
 
 
-def _field_at(loc: list[str], member: dict | None = None):
-    cls: type[BaseModel] | None = Recipe
-    field = None
+def _field_at(loc: list[str], member: dict | None = None, root: type[BaseModel] = Recipe):
+    cls: type[BaseModel] | None = root
+    field, values_of = None, None  # values_of: the model of a dict[str, Model] field's values
     for part in loc:
+        if values_of is not None:  # `part` is a key of that mapping (a sweep's parameter name)
+            cls, values_of = values_of, None
+            continue
         if cls is None or part not in cls.model_fields:
             return None, None
         field = cls.model_fields[part]
+        if typing.get_origin(field.annotation) is dict:
+            values_of = _model_class(typing.get_args(field.annotation)[1])
         chosen = (member or {}).get(part)
         cls = MEMBERS.get(part, {}).get(chosen) if chosen in MEMBERS.get(part, {}) else _model_class(field.annotation)
         if chosen in TASK_TYPES:
@@ -159,13 +165,13 @@ def _task_class(task_type: str):
     return None
 
 
-def _fields_at(loc: list[str], member: dict | None = None) -> list[str]:
+def _fields_at(loc: list[str], member: dict | None = None, root: type[BaseModel] = Recipe) -> list[str]:
     if not loc:
-        return list(Recipe.model_fields)
-    _, cls = _field_at(loc, member)
+        return list(root.model_fields)
+    _, cls = _field_at(loc, member, root)
     return list(cls.model_fields) if cls else []
 
 
-def _describe(loc: list[str], member: dict | None = None) -> str:
-    field, _ = _field_at(loc, member)
+def _describe(loc: list[str], member: dict | None = None, root: type[BaseModel] = Recipe) -> str:
+    field, _ = _field_at(loc, member, root)
     return (field.description or "") if field else ""
