@@ -218,7 +218,7 @@ def sweep(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesAr
 
     result = sweeping.sweep(raw, base, chosen, out_dir, where=str(recipe), address=address, resume=resume,
                             verbose=verbose, say=_say)
-    sweeping.write_outputs(result, sweeping.prepared_raw(result.out), base.output.dir)
+    sweeping.write_outputs(result, base.output.dir)
     out.print(sweeping.table(result))
     sweeping.check_reported(result)
     if result.best is None:

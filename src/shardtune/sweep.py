@@ -60,8 +60,14 @@ class SweepResult:
     out: Path
     metric: str
     mode: str
+    trial_raw: dict = field(default_factory=dict)  # the base recipe every trial starts from
     rows: list[TrialRow] = field(default_factory=list)
     best: TrialRow | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """The swept fields, in the space's order."""
+        return list(self.rows[0].values) if self.rows else []
 
 
 # ----------------------------------------------------------------------------- setup
@@ -112,17 +118,15 @@ def _pinned(raw: dict, base: Recipe) -> dict:
     return raw
 
 
-def prepared_raw(out: Path) -> dict:
-    """The trials' raw recipe, as the sweep in `out` saved it."""
-    return json.loads((out / SPEC).read_text())["recipe"]
-
-
-def trial_recipe(raw: dict, values: dict, run_dir: Path, where: str) -> Recipe:
-    """The base recipe with one trial's values, writing to its own run directory."""
+def trial_recipe(raw: dict, values: dict, run_dir: Path, where: str, if_exists: str | None = "error") -> Recipe:
+    """The base recipe with one trial's values, writing to `run_dir` (a trial's own run
+    directory, never replaced; None keeps the base recipe's if_exists)."""
     raw = copy.deepcopy(raw)
     for key, value in values.items():
         set_value(raw, key.split("."), value)
-    raw.setdefault("output", {}).update(dir=str(run_dir), if_exists="error")
+    raw.setdefault("output", {})["dir"] = str(run_dir)
+    if if_exists is not None:
+        raw["output"]["if_exists"] = if_exists
     return validate_recipe(raw, where=where)
 
 
@@ -147,6 +151,11 @@ def _trial(config: dict, *, raw: dict, out: str, address: str | None, embedded: 
         run(recipe, address=address, resume=resume, callbacks=[TuneReportCallback()])
     except ShardtuneError as exc:
         raise TrialFailed(exc.render()) from None
+
+
+def _is_final(result: dict) -> bool:
+    """Whether a trial's last result is its run's final report (the run finished)."""
+    return result.get(KIND_KEY) == Kind.FINAL.value
 
 
 def _trial_name(trial) -> str:
@@ -180,6 +189,7 @@ def sweep(raw: dict, base: Recipe, space: SweepSpace, out: Path, *, where: str, 
             if started_here:
                 ray.shutdown()
     result = collect(out, space, metric, mode)
+    result.trial_raw = trial_raw
     unfinished = [r.name for r in result.rows if r.status == "unfinished"]
     missing = space.size() - len(result.rows)  # trials Tune had not made yet
     if space.time_budget_s is not None and time.monotonic() - started >= space.time_budget_s:
@@ -300,7 +310,7 @@ def _console_callback(metric: str, say):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            how = "finished" if last.get(KIND_KEY) == Kind.FINAL.value else "stopped early (ASHA)"
+            how = "finished" if _is_final(last) else "stopped early (ASHA)"
             value = f": {metric} {last[metric]:.4f}" if isinstance(last.get(metric), (int, float)) else ""
             self.say(f"{_trial_name(trial)} {how}{value}")
 
@@ -322,7 +332,7 @@ def collect(out: Path, space: SweepSpace, metric: str, mode: str) -> SweepResult
         name, last = _trial_name(trial), trial.last_result or {}
         if trial.status == "ERROR":
             status, error = "failed", _error_text(trial)
-        elif last.get(KIND_KEY) == Kind.FINAL.value:
+        elif _is_final(last):
             status, error = "finished", ""
         else:
             status, error = ("stopped early" if trial.status == "TERMINATED" else "unfinished"), ""
@@ -353,10 +363,10 @@ def _error_text(trial) -> str:
     return lines[-1].strip() if lines else "failed (Ray recorded no error text)"
 
 
-def write_outputs(result: SweepResult, trial_raw: dict, base_output_dir: str) -> None:
+def write_outputs(result: SweepResult, base_output_dir: str) -> None:
     """results.csv, best.yaml (the best trial's recipe, writing where the base recipe
     writes) and sweep.png."""
-    keys = list(result.rows[0].values) if result.rows else []
+    keys = result.keys
     with open(result.out / RESULTS, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["trial", *keys, result.metric, "status", "seconds", "run_dir", "error"])
@@ -364,9 +374,8 @@ def write_outputs(result: SweepResult, trial_raw: dict, base_output_dir: str) ->
             writer.writerow([r.name, *(_cell(r.values[k]) for k in keys), "" if r.metric is None else r.metric,
                              r.status, r.seconds, r.run_dir, r.error])
     if result.best is not None:
-        recipe = trial_recipe(trial_raw, result.best.values, Path(base_output_dir), where=BEST)
-        recipe = recipe.model_copy(update={"output": recipe.output.model_copy(
-            update={"if_exists": (trial_raw.get("output") or {}).get("if_exists", recipe.output.if_exists)})})
+        recipe = trial_recipe(result.trial_raw, result.best.values, Path(base_output_dir), where=BEST,
+                              if_exists=None)
         head = (f"# The best trial of the sweep in {result.out}: {result.best.name}, {result.metric} "
                 f"{result.best.metric:.4f} ({result.mode}).\n# Run it with: shardtune run {result.out / BEST}\n")
         (result.out / BEST).write_text(head + recipe.to_yaml())
@@ -385,7 +394,7 @@ def plot(result: SweepResult) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result.rows if r.metric is not None]
-    keys = list(result.rows[0].values) if result.rows else []
+    keys = result.keys
     if not rows or not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
@@ -412,7 +421,7 @@ def table(result: SweepResult):
     """The printed table: a row per trial, the best one marked."""
     from rich.table import Table
 
-    keys = list(result.rows[0].values) if result.rows else []
+    keys = result.keys
     view = Table(title=f"sweep: {result.metric} ({result.mode}), {len(result.rows)} trials")
     for column in ("trial", *keys, result.metric, "status", "s"):
         view.add_column(column)
