@@ -49,7 +49,11 @@ MODES = [
     ("full-causal-soft", "tiny_llama", {"method": "none"}, {"templates": ["{soft:2} {text} it was {mask}"]}, 0),
     ("frozen-soft-tokens", "tiny_llama", {"method": "frozen"},
      {"templates": ["{soft:4} {text} {soft:was} {mask}"]}, 3),
-    ("prompt-tuning-frozen", "tiny_llama", {"method": "prompt_tuning", "num_virtual_tokens": 4}, {}, 3),
+    # Four soft tokens steering a frozen random model: from random vectors the final accuracy
+    # ranged 0.53-0.68 over seeds in 3 epochs; from the label words' embeddings (Lester et al.'s
+    # class-label init) and 5 epochs, 0.70-0.80.
+    ("prompt-tuning-frozen", "tiny_llama", {"method": "prompt_tuning", "num_virtual_tokens": 4,
+                                            "init_text": "good or bad"}, {}, 3),
     ("lora-masked-lm", "tiny_masked_lm", {"method": "lora", "target_modules": ["query", "value"]},
      {"templates": ["{text} . it was {mask} .", "{soft} {text} {mask}"], "share_soft_tokens": True}, 2),
     ("prefix-seq2seq", "tiny_t5", {"method": "prefix_tuning", "num_virtual_tokens": 4},
@@ -82,6 +86,8 @@ def prompt_runs(request, tiny_bert, sentiment_data, tiny_llama, tmp_path_factory
         recipes[name] = _mode_recipe(base, request.getfixturevalue(model), adapter, task, stage)
         if model != "tiny_llama":  # random output layers far from the label words: a few more epochs
             recipes[name]["train"]["epochs"] = 6
+        elif adapter["method"] == "prompt_tuning":
+            recipes[name]["train"]["epochs"] = 5
     few = _prompt_recipe(tiny_bert, sentiment_data, tiny_llama, root / "few-shot")
     few["data"]["few_shot_per_class"] = 8
     few["train"].update({"micro_batch_size": 4, "epochs": 2})
