@@ -89,7 +89,9 @@ def batch_tokens(batch: dict) -> tuple[int, int, int, int]:
     """(tokens processed, tokens supervised, sequences, padded length) of a collated batch.
 
     Supervised tokens are the positions with a label when labels are per token (causal LM,
-    seq2seq, tagging); a sequence-level label supervises the whole sequence."""
+    seq2seq, tagging); a sequence-level label supervises the whole sequence. A packed causal-LM
+    batch carries no attention mask (its position ids mark the records), so its tail padding,
+    under one record per row, counts as processed: the model computes it all the same."""
     ids = batch.get("input_ids")
     if ids is None:
         return 0, 0, 0, 0

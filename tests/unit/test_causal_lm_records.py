@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -81,7 +82,76 @@ def test_text_blocks_and_packing(tiny_recipe, tiny_llama):
     single = lm_task(tiny_recipe, tiny_llama, max_length=64).encode(records, t)
     together = packed.encode(records, t)
     assert len(together) < len(single) and all(len(e.features["input_ids"]) <= 64 for e in together)
-    assert sum(len(e.features["input_ids"]) for e in together) == sum(len(e.features["input_ids"]) for e in single)
+    assert [i for e in together for i in e.features["input_ids"]] == [i for e in single for i in e.features["input_ids"]]
+    # Each record keeps its own positions; its first token is never a target.
+    assert [p for e in together for p in e.features["position_ids"]] == [
+        p for e in single for p in range(len(e.features["input_ids"]))]
+    assert [x for e in together for x in e.target] == [x for e in single for x in [IGNORE] + e.target[1:]]
+
+
+def _packed_and_single(tiny_recipe, tiny_llama, train_on_prompt):
+    t = tok(tiny_llama)
+    records = [row(instruction=f"say {w}", output=f"{w} film") for w in ("good", "bad", "superb", "awful", "great")]
+    options = {"train_on_prompt": train_on_prompt}
+    packed = lm_task(tiny_recipe, tiny_llama, max_length=96, packing=True, **options)  # ~31 tokens a record
+    single = lm_task(tiny_recipe, tiny_llama, max_length=96, **options)
+    return t, packed, packed.encode(records, t), single, single.encode(records, t)
+
+
+def test_packed_collation_carries_positions_and_no_2d_mask(tiny_recipe, tiny_llama):
+    t, packed, examples, _, _ = _packed_and_single(tiny_recipe, tiny_llama, False)
+    assert len(examples) == 2 and len(examples[0].features["input_ids"]) > len(examples[1].features["input_ids"])
+    batch = packed.collate(examples, t)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no 2-D mask: transformers reads the positions
+    short, fill = examples[1].features, batch["input_ids"].shape[1] - len(examples[1].features["input_ids"])
+    tail = batch["position_ids"][1, -fill - 1:].tolist()  # the padding continues the last record: no new segment
+    assert tail == list(range(short["position_ids"][-1], short["position_ids"][-1] + fill + 1))
+    assert (batch["labels"][1, -fill:] == IGNORE).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_a_packed_record_scores_as_it_does_alone(tiny_recipe, tiny_llama, attn, train_on_prompt):
+    """No attention across records and positions from 0: each record's summed NLL inside a
+    pack equals its NLL alone. Without the position ids (one causal sequence) the later
+    records read their neighbours and score differently, which is what this test would catch."""
+    t, packed, together, single, alone = _packed_and_single(tiny_recipe, tiny_llama, train_on_prompt)
+    model = packed.build_model(str(tiny_llama), {"attn_implementation": attn}).eval()  # as a run builds it
+
+    def token_nll(batch):  # [k, j]: the loss of target j + 1, read at position j
+        with torch.no_grad():
+            logits = model(**batch).logits.float()
+        return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                 ignore_index=IGNORE, reduction="none")
+
+    with torch.no_grad():
+        batch = single.collate(alone, t)
+        expected = [float(o[0]) for o in single.outputs(model(**batch), batch)]
+    batch = packed.collate(together, t)
+    nll, blind_nll = token_nll(batch), token_nll({"input_ids": batch["input_ids"], "labels": batch["labels"]})
+    got, blind = [], []
+    for k, example in enumerate(together):
+        positions = example.features["position_ids"]
+        bounds = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        for a, b in zip(bounds, bounds[1:]):  # a record at [a, b): its targets a+1..b-1 are read at a..b-2
+            got.append(float(nll[k, a:b - 1].sum()))
+            blind.append(float(blind_nll[k, a:b - 1].sum()))
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert blind[0] == pytest.approx(expected[0], rel=1e-4)  # the first record has no neighbour before it
+    assert max(abs(x - y) for x, y in zip(blind, expected)) > 1e-2
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"adapter": {"method": "prompt_tuning"}}, "task.packing with adapter.method prompt_tuning"),
+    ({"adapter": {"method": "prefix_tuning"}}, "use lora (or another weight adapter) or set task.packing: false"),
+    ({"task": {"type": "causal_lm", "packing": True, "input": "text"}}, "task.packing with input: text"),
+])
+def test_packing_refusals(tiny_recipe, tiny_llama, change, fragment):
+    from shardtune.errors import RecipeError
+
+    raw = {**tiny_recipe, "model": {"path": str(tiny_llama)}, "task": {"type": "causal_lm", "packing": True}, **change}
+    with pytest.raises(RecipeError, match=re.escape(fragment)):
+        validate_recipe(raw)
 
 
 def test_prompt_longer_than_max_length_is_refused(tiny_recipe, tiny_llama):
