@@ -8,6 +8,11 @@ A checkpoint folder holds:
                           evaluation history, the logged steps, the seed and the recipe's
                           fingerprint
   rank-N.safetensors      each rank's torch RNG state and running loss
+  portable.safetensors    the trainable parameters' fp32 weights and Adam moments whole, the
+                          optimizer step and the schedule: what a resume on another number
+                          of workers loads, as DeepSpeed's shards are cut for the world that
+                          wrote them (adapters always; fully fine-tuned models up to
+                          PORTABLE_LIMIT elements)
   committed               in Ray's storage, once every rank's files are there (rayworker.py)
 
 A checkpoint in a shared run folder is a way into every node: anyone who can write a
@@ -26,12 +31,20 @@ from pathlib import Path
 import torch
 
 from shardtune.errors import RunError
+from shardtune.partitions import full_numel, partitioned
 from shardtune.rundir import TRAIN_STATE
 
 DEEPSPEED_TAG = "state"
 
+PORTABLE = "portable.safetensors"
+PORTABLE_LIMIT = 2**30          # trainable elements: 12 GB of fp32 weights and moments on rank 0
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+# How the global batch is split: a resume may change these if the global batch stays
+# (the data order follows the global batch only, pipeline.epoch_micro_batches).
+WORLD_FIELDS = {("cluster", "workers"), ("train", "gradient_accumulation_steps")}
 # Recipe fields that do not change what a run computes: a resume may differ in these.
-NEUTRAL_FIELDS = {"output", "slurm", ("cluster", "address"), ("cluster", "max_failures"),
+NEUTRAL_FIELDS = WORLD_FIELDS | {"output", "slurm", ("cluster", "address"), ("cluster", "max_failures"),
                   ("cluster", "placement"), ("cluster", "shared_storage"), ("cluster", "cpus_per_worker"),
                   ("train", "log_every_steps")}
 
@@ -44,11 +57,15 @@ class TrainState:
     steps: list = field(default_factory=list)   # the logged steps (loss, lr, tokens/s): the report's curves
     seed: int = 0
     fingerprint: str = ""
+    world: int = 0                  # workers that wrote it
+    accumulation: int = 0           # the gradient accumulation they ran with
+    portable: bool = False          # PORTABLE was written
 
 
 def result_fields(recipe_dict: dict) -> dict:
-    """The recipe without the fields that do not change the result (NEUTRAL_FIELDS)."""
-    kept = {}
+    """The recipe without the fields that do not change the result (NEUTRAL_FIELDS), with
+    the global batch that the world fields make."""
+    kept = {"global_batch": global_batch(recipe_dict)}
     for section, values in recipe_dict.items():
         if section in NEUTRAL_FIELDS:
             continue
@@ -77,17 +94,24 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
     return changes
 
 
+def global_batch(recipe_dict: dict) -> int:
+    train = recipe_dict["train"]
+    return train["micro_batch_size"] * train["gradient_accumulation_steps"] * recipe_dict["cluster"]["workers"]
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def save(engine, directory: Path, state: TrainState, rank: int, rank_tensors: dict[str, torch.Tensor]) -> None:
-    """Every rank calls this: DeepSpeed writes its shards, each rank its own tensors, rank 0 the JSON."""
+    """Every rank calls this: DeepSpeed writes its shards, each rank its own tensors, rank 0
+    the portable state and the JSON, last, so that a checkpoint with one is complete."""
     from safetensors.torch import save_file
 
     engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     save_file({k: v.contiguous() for k, v in rank_tensors.items()}, str(directory / f"rank-{rank}.safetensors"))
+    state.portable = _save_portable(engine, directory / PORTABLE, rank)
     if rank == 0:
         (directory / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
 
@@ -96,18 +120,43 @@ def exists(directory: str | Path | None) -> bool:
     return directory is not None and (Path(directory) / TRAIN_STATE).is_file()
 
 
-def load(engine, directory: Path, rank: int, expected_fingerprint: str) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Restore the engine from `directory`; returns the loop's state and this rank's tensors."""
-    from safetensors.torch import load_file
-
+def read_state(directory: Path, expected_fingerprint: str) -> TrainState:
     try:
         state = TrainState(**json.loads((directory / TRAIN_STATE).read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise RunError(f"the checkpoint {directory} is damaged ({TRAIN_STATE}: {exc}); delete it to start "
                        "afresh") from None
     if state.fingerprint != expected_fingerprint:
-        raise RunError(f"the checkpoint {directory} was written by a different recipe; resume it with the recipe "
-                       "it was started with, or start afresh without --resume")
+        raise RunError(f"the checkpoint {directory} was written by a different recipe (or an earlier shardtune); "
+                       "resume it with the recipe it was started with, or start afresh without --resume")
+    return state
+
+
+def load(engine, directory: Path, rank: int, world: int,
+         expected_fingerprint: str) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore the engine from `directory`; returns the loop's state and this rank's tensors.
+
+    On the world that wrote it, DeepSpeed's own shards (bit for bit). On another, the
+    portable state; the rank tensors are then rank 0's sum of the running losses, and no
+    RNG state (the loop reseeds)."""
+    from safetensors.torch import load_file
+
+    state = read_state(directory, expected_fingerprint)
+    if state.world in (0, world):
+        _load_deepspeed(engine, directory)
+        rank_file = directory / f"rank-{rank}.safetensors"
+        return state, load_file(str(rank_file)) if rank_file.is_file() else {}
+    if not state.portable:
+        raise RunError(f"the checkpoint {directory} was written by {state.world} workers and holds no portable "
+                       f"state (a full fine-tuning of over {PORTABLE_LIMIT:,} parameters is kept in DeepSpeed's "
+                       f"shards only); resume it with cluster.workers: {state.world}")
+    _load_portable(engine, directory / PORTABLE)
+    losses = [load_file(str(directory / f"rank-{r}.safetensors"))["loss_sum"] for r in range(state.world)]
+    loss_sum = torch.stack(losses).sum(0) if rank == 0 else torch.zeros_like(losses[0])
+    return state, {"loss_sum": loss_sum}
+
+
+def _load_deepspeed(engine, directory: Path) -> None:
     engine.checkpoint_engine = _weights_only(engine.checkpoint_engine)
     try:
         engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False)
@@ -117,9 +166,138 @@ def load(engine, directory: Path, rank: int, expected_fingerprint: str) -> tuple
                            "plain tensors or DeepSpeed's own state, and loading them could run code. If you did "
                            "not write it, someone else did; delete the folder and start afresh") from None
         raise
-    rank_file = directory / f"rank-{rank}.safetensors"
-    tensors = load_file(str(rank_file)) if rank_file.is_file() else {}
-    return state, tensors
+
+
+# ------------------------------------------------------------------ the portable state
+def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _save_portable(engine, path: Path, rank: int) -> bool:
+    """Each trainable parameter's fp32 weight and moments, gathered whole (every rank takes
+    part in the gathers; rank 0 writes). Through DeepSpeed's fragment API, which reads them
+    from whatever ZeRO stage and precision partitioned them."""
+    from safetensors.torch import save_file
+
+    params = _trainable(engine)
+    if sum(full_numel(p) for _, p in params) > PORTABLE_LIMIT:
+        return False
+    _link_moments(engine)
+    tensors = {}
+    for name, param in params:
+        for key in ("fp32", *MOMENTS):
+            value = _get_full(engine, param, key)
+            if rank == 0:
+                tensors[f"{key}/{name}"] = value.detach().float().cpu().reshape(param.ds_shape if hasattr(
+                    param, "ds_shape") else param.shape).contiguous()
+    if rank == 0:
+        metadata = {"optimizer_step": json.dumps(_optimizer_step(engine)), "global_steps": str(engine.global_steps),
+                    "scheduler": json.dumps(engine.lr_scheduler.state_dict())}
+        save_file(tensors, str(path), metadata=metadata)
+    return True
+
+
+def _load_portable(engine, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    params = _trainable(engine)
+    missing = [name for name, _ in params if f"fp32/{name}" not in tensors]
+    if missing:
+        raise RunError(f"the checkpoint's {path.name} lacks {len(missing)} of this model's trainable parameters "
+                       f"(first: {missing[0]}); it was written for another model or adapter")
+    _create_optimizer_state(engine)
+    for name, param in params:
+        _set_model_weight(param, tensors[f"fp32/{name}"])
+        for key in ("fp32", *MOMENTS):
+            _set_full(engine, param, key, tensors[f"{key}/{name}"])
+    step = json.loads(metadata["optimizer_step"])
+    base = engine.basic_optimizer
+    for param_state in base.state.values():
+        param_state["step"] = torch.tensor(float(step)) if isinstance(param_state.get("step"), torch.Tensor) else step
+    engine.lr_scheduler.load_state_dict(json.loads(metadata["scheduler"]))
+    for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps = int(metadata["global_steps"])
+    engine.global_samples = engine.global_steps * engine.train_batch_size()
+
+
+def _create_optimizer_state(engine) -> None:
+    """torch's AdamW creates its state at the first step, and DeepSpeed links the moments'
+    fragments to the parameters then; a resumed engine has not stepped, so create both."""
+    base = engine.basic_optimizer
+    for group in base.param_groups:
+        for flat in group["params"]:
+            if not base.state.get(flat):
+                base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                    "exp_avg_sq": torch.zeros_like(flat)}
+    _link_moments(engine)
+
+
+def _link_moments(engine) -> None:
+    """ZeRO-1/2 and the bf16 optimizer link each parameter to its moments' fragments after
+    their first step, once: DeepSpeed 0.19 does it after the first parameter group's step,
+    when the other groups have no state yet, so their moments stay unlinked (and the
+    fragment API cannot read them). Link again, with every group's state there."""
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _get_full(engine, param, key: str) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, key)
+    if value is not None:
+        return value
+    master = _master(engine, param)  # not partitioned: the torch optimizer's own tensors
+    return master if key == "fp32" else engine.basic_optimizer.state[master][key]
+
+
+def _set_full(engine, param, key: str, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if partitioned([param]) or hasattr(param, "_hp_mapping"):  # DeepSpeed's fp32 copy and moments
+        (safe_set_full_fp32_param(param, value) if key == "fp32" else
+         safe_set_full_optimizer_state(param, value.to(param.device), key))
+        return
+    master = _master(engine, param)
+    target = master if key == "fp32" else engine.basic_optimizer.state[master][key]
+    with torch.no_grad():
+        target.copy_(value.reshape(target.shape))
+
+
+def _master(engine, param) -> torch.Tensor:
+    """The tensor the torch optimizer updates for `param` without ZeRO: the parameter
+    itself in fp32, its fp32 copy in DeepSpeed's bf16/fp16 optimizer at stage 0."""
+    optimizer = engine.optimizer
+    for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        for lp, master in zip(low, high):
+            if lp is param:
+                return master
+    return param
+
+
+def _set_model_weight(param, value: torch.Tensor) -> None:
+    """The weight the model computes with (its low-precision copy, when there is one)."""
+    if partitioned([param]):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value.reshape(param.shape))
+    else:
+        with torch.no_grad():
+            param.data.copy_(value.reshape(param.shape))
+
+
+def _optimizer_step(engine) -> float | int:
+    """Adam's step count (its bias correction), the same for every parameter."""
+    for param_state in engine.basic_optimizer.state.values():
+        if "step" in param_state:
+            step = param_state["step"]
+            return float(step) if isinstance(step, torch.Tensor) else step
+    return 0
 
 
 def _weights_only(checkpoint_engine):

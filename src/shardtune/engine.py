@@ -34,7 +34,7 @@ from shardtune.data.pipeline import (augmented_examples, collated_batches, epoch
 from shardtune.errors import RecipeError, RunError
 from shardtune.recipe import Recipe
 from shardtune.reports import Report
-from shardtune.partitions import (gathered_for_forward, held_numel, is_partitioned, largest_trainable,
+from shardtune.partitions import (gathered_for_forward, held_numel, is_partitioned, largest_trainable, partitioned,
                                   live_parameters)
 from shardtune.sharding import deepspeed_config, partitioned_loading, prepare_deepspeed
 from shardtune.tasks import Can, get_task, kind_of
@@ -194,7 +194,14 @@ def build_engine(w: Worker, model: torch.nn.Module):
     scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=w.total_steps)
     if is_partitioned(model):
-        pass  # DeepSpeed places the partitions (and converts the adapter's new parameters) itself
+        # DeepSpeed places the partitions and converts the parameters made after zero.Init
+        # (adapter, head), but flattens the trainable ones into one buffer of one dtype, and
+        # does not cast them as it casts the module at stages 0-2: peft keeps adapter weights
+        # in fp32 while a new head has the backbone's dtype. So cast them to the training dtype.
+        dtype = getattr(torch, quantization.PRECISION_DTYPES[w.recipe.sharding.precision])
+        for param in model.parameters():
+            if not partitioned([param]) and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     elif not quantization.is_quantized(w.recipe):  # quantised weights were placed when loaded
         model = model.to(w.device)
     elif hasattr(model, "place_own"):  # a prompt model's soft tokens and word tables, not the LM
@@ -219,11 +226,17 @@ def resume(w: Worker, directory: str | None) -> None:
                            "was a pickle that this version no longer loads; delete the run's .partial folder and "
                            "start afresh")
         return
-    state, w.resume_tensors = checkpoint.load(w.engine, Path(directory), w.rank, w.fingerprint)
-    w.start_epoch, w.history, w.resume_micro = state.epoch, state.history, state.micro_batches_done
-    w.steps = state.steps
+    state, w.resume_tensors = checkpoint.load(w.engine, Path(directory), w.rank, w.world, w.fingerprint)
+    w.start_epoch, w.history, w.steps = state.epoch, state.history, state.steps
+    accumulation = w.recipe.train.gradient_accumulation_steps
+    # The same optimizer steps done in the epoch, in this world's micro-batches per rank.
+    w.resume_micro = state.micro_batches_done // (state.accumulation or accumulation) * accumulation
     w.log(f"resumed from the checkpoint after epoch {w.start_epoch}"
           f"{f' and {w.resume_micro} micro-batches' if w.resume_micro else ''} (step {w.engine.global_steps})")
+    if state.world not in (0, w.world):
+        w.log(f"the checkpoint was written by {state.world} workers x {state.accumulation} accumulation steps; "
+              f"continuing on {w.world} x {accumulation}, the same global batch of "
+              f"{w.engine.train_batch_size()} examples, from its portable state")
 
 
 # ------------------------------------------------------------------------------- fit
@@ -262,7 +275,8 @@ def train_epoch(w: Worker, reporter: Reporter, epoch: int) -> torch.Tensor | Non
     loss_sum = torch.zeros(2, dtype=torch.float64, device=w.device)
     skip = w.resume_micro if epoch == w.start_epoch else 0
     if skip:
-        torch.set_rng_state(w.resume_tensors["rng"])
+        if "rng" in w.resume_tensors:  # not when resumed on another world size: the seed above stands
+            torch.set_rng_state(w.resume_tensors["rng"])
         loss_sum = w.resume_tensors["loss_sum"].to(w.device)
     step_started = time.perf_counter()
     micro_batches = epoch_micro_batches(len(examples), w.world, w.rank, tr.micro_batch_size,
@@ -337,7 +351,8 @@ def save_checkpoint(w: Worker, name: str, epoch: int, micro_done: int, loss_sum:
     """The whole training state, in one place for both the epoch-end and the stop checkpoints."""
     directory = w.work_dir / name
     state = checkpoint.TrainState(epoch=epoch, micro_batches_done=micro_done, history=w.history, steps=w.steps,
-                                  seed=w.recipe.train.seed, fingerprint=w.fingerprint)
+                                  seed=w.recipe.train.seed, fingerprint=w.fingerprint, world=w.world,
+                                  accumulation=w.recipe.train.gradient_accumulation_steps)
     checkpoint.save(w.engine, directory, state, w.rank,
                     {"rng": torch.get_rng_state(), "loss_sum": loss_sum.detach().cpu()})
     return directory

@@ -71,7 +71,7 @@ def run(recipe: Recipe, *, address: str | None = None, resume: bool = False, ver
     preflight(recipe)
     staging, resuming = rundir.claim(final_dir, recipe.output.if_exists, resume)
     if resuming:
-        check_resumable(staging, recipe)
+        recipe = check_resumable(staging, recipe)
         print(f"resuming the stopped run in {staging}", file=sys.stderr)
     stopped = False
     signalled: list[int] = []  # filled by _stop_on_signals
@@ -136,8 +136,10 @@ def check_fits_this_machine(recipe: Recipe) -> None:
                               "with --address")
 
 
-def check_resumable(staging: Path, recipe: Recipe) -> None:
-    """A resume continues the stopped run only with a recipe that computes the same thing."""
+def check_resumable(staging: Path, recipe: Recipe) -> Recipe:
+    """A resume continues the stopped run only with a recipe that computes the same thing.
+    On another number of workers the accumulation changes to keep the global batch (the
+    recipe returned), and the workers load the checkpoint's portable state."""
     import yaml
 
     from shardtune.checkpoint import recipe_differences
@@ -145,15 +147,40 @@ def check_resumable(staging: Path, recipe: Recipe) -> None:
     try:
         before = yaml.safe_load((staging / rundir.RECIPE).read_text())
     except (OSError, yaml.YAMLError):
-        return  # no record (killed before it was written): the workers' fingerprint check decides
+        return recipe  # no record (killed before it was written): the workers' fingerprint check decides
     if not isinstance(before, dict):
-        return
+        return recipe
+    recipe = keep_global_batch(before, recipe)
     now = _stage_job_inputs(recipe, staging).model_dump(mode="json")
     changes = recipe_differences(before, now)
     if changes:
         raise RunError(["--resume: the recipe differs from the stopped run's in what it computes, so resuming "
                         "would not give the run either recipe describes; use the stopped run's values, or start "
                         f"afresh by deleting {staging}. Differences:", *changes])
+    return recipe
+
+
+def keep_global_batch(before: dict, recipe: Recipe) -> Recipe:
+    """The stopped run's global batch on this recipe's workers, by its gradient accumulation."""
+    try:
+        workers, accumulation = int(before["cluster"]["workers"]), int(before["train"]["gradient_accumulation_steps"])
+    except (KeyError, TypeError, ValueError):
+        return recipe
+    now = recipe.cluster.workers
+    if now == workers:
+        return recipe
+    per_worker, left = divmod(workers * accumulation, now)
+    if left:
+        fits = [n for n in range(1, workers * accumulation + 1) if workers * accumulation % n == 0]
+        raise RunError(f"--resume on {now} workers: the stopped run's global batch is {workers} workers x "
+                       f"{accumulation} accumulation steps x micro_batch_size {before['train']['micro_batch_size']}"
+                       f", and {now} workers cannot keep it (the accumulation would be {workers * accumulation}/"
+                       f"{now}); resume on " + ", ".join(map(str, fits)) + " workers")
+    if per_worker != recipe.train.gradient_accumulation_steps:
+        print(f"resuming on {now} workers (the stopped run had {workers}): gradient_accumulation_steps "
+              f"{recipe.train.gradient_accumulation_steps} -> {per_worker} keeps the global batch", file=sys.stderr)
+    return recipe.model_copy(update={"train": recipe.train.model_copy(
+        update={"gradient_accumulation_steps": per_worker})})
 
 
 def preflight(recipe: Recipe) -> None:

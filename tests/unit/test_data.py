@@ -83,6 +83,20 @@ def test_every_rank_gets_equal_disjoint_micro_batches(n, world, micro, accum):
     assert epoch_micro_batches(n, world, 0, micro, accum, 1, 1) != shards[0]  # reshuffled per epoch
 
 
+@pytest.mark.parametrize("n,micro", [(320, 8), (101, 4), (37, 2)])
+def test_each_step_trains_on_the_same_examples_whatever_the_world(n, micro):
+    """2 workers x 2 accumulation, 4 x 1 and 1 x 4: one global batch of 4 micro-batches, and
+    step s holds the same examples in each (what lets a run resume on another world size)."""
+    def steps(world, accum):
+        shards = [epoch_micro_batches(n, world, r, micro, accum, seed=3, epoch=2) for r in range(world)]
+        return [sorted(i for shard in shards for batch in shard[s * accum:(s + 1) * accum] for i in batch)
+                for s in range(len(shards[0]) // accum)]
+
+    full = n // (4 * micro)
+    assert steps(2, 2)[:full] == steps(4, 1)[:full] == steps(1, 4)[:full]
+    assert len(steps(2, 2)) >= full
+
+
 @pytest.mark.parametrize("n,world", [(10, 3), (2, 4), (9, 3)])
 def test_eval_shards_cover_everything_equally(n, world):
     shards = [eval_shard(n, world, r) for r in range(world)]

@@ -210,6 +210,36 @@ def test_resume_refuses_a_recipe_that_computes_something_else(tiny_recipe, tmp_p
     assert fingerprint(before) == fingerprint(changed)
 
 
+def test_the_split_of_the_global_batch_does_not_change_the_fingerprint(tiny_recipe):
+    from shardtune.checkpoint import fingerprint, recipe_differences
+
+    before = validate_recipe(copy.deepcopy(tiny_recipe)).model_dump(mode="json")  # 2 workers x 1 x 8
+    split = copy.deepcopy(before)
+    split["cluster"]["workers"], split["train"]["gradient_accumulation_steps"] = 1, 2
+    assert fingerprint(before) == fingerprint(split) and recipe_differences(before, split) == []
+    split["train"]["gradient_accumulation_steps"] = 1
+    assert recipe_differences(before, split) == ["global_batch: 16 -> 8"]
+
+
+@pytest.mark.parametrize("workers,accumulation,expected", [(1, 1, 2), (2, 1, 1), (4, 5, None), (3, 1, "3 workers")])
+def test_a_resume_on_other_workers_keeps_the_global_batch(tiny_recipe, workers, accumulation, expected):
+    """Stopped on 2 workers x 1; resumed on `workers`: the accumulation that keeps 16."""
+    from shardtune.orchestrate import keep_global_batch
+
+    before = validate_recipe(copy.deepcopy(tiny_recipe)).model_dump(mode="json")
+    raw = copy.deepcopy(tiny_recipe)
+    raw["cluster"]["workers"], raw["train"]["gradient_accumulation_steps"] = workers, accumulation
+    recipe = validate_recipe(raw)
+    if isinstance(expected, str):
+        with pytest.raises(RunError, match=r"3 workers cannot keep it .*resume on 1, 2 workers"):
+            keep_global_batch(before, recipe)
+    elif expected is None:
+        with pytest.raises(RunError, match="4 workers cannot keep it"):
+            keep_global_batch(before, recipe)
+    else:
+        assert keep_global_batch(before, recipe).train.gradient_accumulation_steps == expected
+
+
 # ------------------------------------------------------------------- custom model code
 def _plant_custom_code(folder: Path, config_name: str, mark: Path) -> None:
     config = json.loads((folder / config_name).read_text())

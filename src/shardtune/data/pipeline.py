@@ -155,14 +155,27 @@ def epoch_micro_batches(n_examples: int, world: int, rank: int, micro: int, accu
                         seed: int, epoch: int) -> list[list[int]]:
     """This rank's micro-batches (example indices) for one epoch.
 
-    Every rank gets the same number of micro-batches, a multiple of the accumulation
-    steps: ZeRO's collectives hang if one rank steps more often than another.
+    Optimizer step s takes the s-th block of the epoch's seeded order, micro x accum x world
+    examples, and rank r micro-batch j of it. So what a step trains on depends on the
+    global batch only, not on how it is split: a run resumed on another world size (the
+    accumulation changed to keep the global batch) continues with the very same batches,
+    and the steps done are always a prefix of the order. Every rank gets the same number of
+    micro-batches, a multiple of the accumulation: ZeRO's collectives hang if one rank steps
+    more often than another. An incomplete last block is shared out evenly when it still
+    gives every micro-batch an example, else left for the next epoch's shuffle.
     """
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = n_examples // world
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    n_micro = (math.ceil(per_rank / micro) // accum) * accum
-    return [mine[i * micro:(i + 1) * micro] for i in range(n_micro)]
+    per_step, per_rank = micro * accum * world, micro * accum
+    full, left = divmod(n_examples, per_step)
+    batches = []
+    for start in range(0, full * per_step, per_step):
+        mine = order[start + rank * per_rank:start + (rank + 1) * per_rank]
+        batches += [mine[j * micro:(j + 1) * micro] for j in range(accum)]
+    share = left // world
+    if share >= accum:
+        mine = order[full * per_step + rank * share:full * per_step + (rank + 1) * share]
+        batches += [mine[j * share // accum:(j + 1) * share // accum] for j in range(accum)]
+    return batches
 
 
 def optimizer_steps_per_epoch(n_examples: int, world: int, train) -> int:
