@@ -55,7 +55,7 @@ def test_the_console_shows_shardtunes_lines_and_the_framework_goes_to_the_log(tr
     framework = [line for line in lines if FRAMEWORK.search(line)]
     assert len(framework) <= 5, framework
     assert sum("[shardtune " in line for line in lines) >= 5
-    assert any("step 66/66" in line for line in lines)
+    assert any("step 69/69" in line for line in lines)  # 23 steps an epoch: the last, short one shared out
     filed = (trained_run["dir"] / "logs" / "framework.log").read_text()
     assert "RayTrainWorker" in filed and "TrainController" in filed
     assert "Failed to query Ray Train Controller" not in filed  # the embedded cluster serves the state API
