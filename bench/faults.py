@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--signals", type=int, default=3, help="trials of each of ctrl-c, sigterm, sigkill")
     parser.add_argument("--only-world", action="store_true", help="only the world-size trials")
     parser.add_argument("--no-world", action="store_true", help="no world-size trials (faults-world.json has them)")
+    parser.add_argument("--zero-stages", default="0,1,2,3", help="the world-size trials' ZeRO stages")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="shardtune-faults-"))
     draw = random.Random(0)
@@ -194,7 +195,7 @@ def main() -> None:
             trials += [trial(folder, kind, i, draw.randint(3, TOTAL_STEPS - 5), reference) for kind, i in plan]
         if not args.no_world:
             trials += [world_trial(folder, stage, precision, draw.randint(3, TOTAL_STEPS - 5))
-                       for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
+                       for stage in map(int, args.zero_stages.split(",")) for precision in ("fp32", "bf16")]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     kinds = ("world",) if args.only_world else ("worker", "ctrl-c", "sigterm", "sigkill") + (
@@ -203,7 +204,8 @@ def main() -> None:
                      + ("same steps, final validation loss within 1%" if kind == "world" else "bitwise equal")
                for kind in kinds}
     if "world" in kinds:
-        summary["world bitwise"] = f"{sum(bool(t.get('bitwise')) for t in trials if t['kind'] == 'world')}/8"
+        world = [t for t in trials if t["kind"] == "world"]
+        summary["world bitwise"] = f"{sum(bool(t.get('bitwise')) for t in world)}/{len(world)}"
     out = {"what": "tiny BERT, LoRA r=8, 2 workers on CPU (ZeRO-2 fp32 unless named), 100 steps; a fault at a "
                    "seeded random step; adapter compared with the uninterrupted run",
            "measured": time.strftime("%Y-%m-%d %H:%M"), "summary": summary, "trials": trials}

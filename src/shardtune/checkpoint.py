@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from shardtune.errors import RunError
-from shardtune.partitions import full_numel, partitioned
+from shardtune.partitions import full_numel, full_shape, partitioned
 from shardtune.rundir import TRAIN_STATE
 
 DEEPSPEED_TAG = "state"
@@ -120,7 +120,7 @@ def exists(directory: str | Path | None) -> bool:
     return directory is not None and (Path(directory) / TRAIN_STATE).is_file()
 
 
-def read_state(directory: Path, expected_fingerprint: str) -> TrainState:
+def _read_state(directory: Path, expected_fingerprint: str) -> TrainState:
     try:
         state = TrainState(**json.loads((directory / TRAIN_STATE).read_text()))
     except (OSError, ValueError, TypeError) as exc:
@@ -141,8 +141,8 @@ def load(engine, directory: Path, rank: int, world: int,
     RNG state (the loop reseeds)."""
     from safetensors.torch import load_file
 
-    state = read_state(directory, expected_fingerprint)
-    if state.world in (0, world):
+    state = _read_state(directory, expected_fingerprint)
+    if state.world == world:
         _load_deepspeed(engine, directory)
         rank_file = directory / f"rank-{rank}.safetensors"
         return state, load_file(str(rank_file)) if rank_file.is_file() else {}
@@ -151,7 +151,10 @@ def load(engine, directory: Path, rank: int, world: int,
                        f"state (a full fine-tuning of over {PORTABLE_LIMIT:,} parameters is kept in DeepSpeed's "
                        f"shards only); resume it with cluster.workers: {state.world}")
     _load_portable(engine, directory / PORTABLE)
-    losses = [load_file(str(directory / f"rank-{r}.safetensors"))["loss_sum"] for r in range(state.world)]
+    # Rank 0 carries the old ranks' running losses summed (the epoch's mean reduces them); the
+    # others start from zeros of the same shape.
+    losses = [load_file(str(directory / f"rank-{r}.safetensors"))["loss_sum"]
+              for r in (range(state.world) if rank == 0 else [0])]
     loss_sum = torch.stack(losses).sum(0) if rank == 0 else torch.zeros_like(losses[0])
     return state, {"loss_sum": loss_sum}
 
@@ -188,10 +191,9 @@ def _save_portable(engine, path: Path, rank: int) -> bool:
         for key in ("fp32", *MOMENTS):
             value = _get_full(engine, param, key)
             if rank == 0:
-                tensors[f"{key}/{name}"] = value.detach().float().cpu().reshape(param.ds_shape if hasattr(
-                    param, "ds_shape") else param.shape).contiguous()
+                tensors[f"{key}/{name}"] = value.detach().float().cpu().reshape(full_shape(param)).contiguous()
     if rank == 0:
-        metadata = {"optimizer_step": json.dumps(_optimizer_step(engine)), "global_steps": str(engine.global_steps),
+        metadata = {"optimizer_step": str(_optimizer_step(engine)), "global_steps": str(engine.global_steps),
                     "scheduler": json.dumps(engine.lr_scheduler.state_dict())}
         save_file(tensors, str(path), metadata=metadata)
     return True
@@ -212,10 +214,10 @@ def _load_portable(engine, path: Path) -> None:
         _set_model_weight(param, tensors[f"fp32/{name}"])
         for key in ("fp32", *MOMENTS):
             _set_full(engine, param, key, tensors[f"{key}/{name}"])
-    step = json.loads(metadata["optimizer_step"])
+    step = float(metadata["optimizer_step"])
     base = engine.basic_optimizer
     for param_state in base.state.values():
-        param_state["step"] = torch.tensor(float(step)) if isinstance(param_state.get("step"), torch.Tensor) else step
+        param_state["step"] = torch.tensor(step)  # torch's AdamW keeps it as a tensor
     engine.lr_scheduler.load_state_dict(json.loads(metadata["scheduler"]))
     for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
@@ -227,11 +229,14 @@ def _create_optimizer_state(engine) -> None:
     """torch's AdamW creates its state at the first step, and DeepSpeed links the moments'
     fragments to the parameters then; a resumed engine has not stepped, so create both."""
     base = engine.basic_optimizer
-    for group in base.param_groups:
-        for flat in group["params"]:
-            if not base.state.get(flat):
-                base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                    "exp_avg_sq": torch.zeros_like(flat)}
+    # What the torch optimizer updates: ZeRO-3's flat fp32 partitions, which it puts in the
+    # param groups only for the duration of each step; else what its param groups hold.
+    updated = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+        tensor for group in base.param_groups for tensor in group["params"]]
+    for tensor in updated:
+        if not base.state.get(tensor):
+            base.state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
+                                  "exp_avg_sq": torch.zeros_like(tensor)}
     _link_moments(engine)
 
 
@@ -291,13 +296,10 @@ def _set_model_weight(param, value: torch.Tensor) -> None:
             param.data.copy_(value.reshape(param.shape))
 
 
-def _optimizer_step(engine) -> float | int:
+def _optimizer_step(engine) -> float:
     """Adam's step count (its bias correction), the same for every parameter."""
-    for param_state in engine.basic_optimizer.state.values():
-        if "step" in param_state:
-            step = param_state["step"]
-            return float(step) if isinstance(step, torch.Tensor) else step
-    return 0
+    steps = [float(s["step"]) for s in engine.basic_optimizer.state.values() if "step" in s]
+    return steps[0] if steps else 0.0
 
 
 def _weights_only(checkpoint_engine):

@@ -230,10 +230,10 @@ def resume(w: Worker, directory: str | None) -> None:
     w.start_epoch, w.history, w.steps = state.epoch, state.history, state.steps
     accumulation = w.recipe.train.gradient_accumulation_steps
     # The same optimizer steps done in the epoch, in this world's micro-batches per rank.
-    w.resume_micro = state.micro_batches_done // (state.accumulation or accumulation) * accumulation
+    w.resume_micro = state.micro_batches_done // state.accumulation * accumulation
     w.log(f"resumed from the checkpoint after epoch {w.start_epoch}"
           f"{f' and {w.resume_micro} micro-batches' if w.resume_micro else ''} (step {w.engine.global_steps})")
-    if state.world not in (0, w.world):
+    if state.world != w.world:
         w.log(f"the checkpoint was written by {state.world} workers x {state.accumulation} accumulation steps; "
               f"continuing on {w.world} x {accumulation}, the same global batch of "
               f"{w.engine.train_batch_size()} examples, from its portable state")

@@ -21,6 +21,11 @@ def full_numel(param) -> int:
     return getattr(param, "ds_numel", None) or param.numel()
 
 
+def full_shape(param) -> tuple[int, ...]:
+    """A parameter's full shape (a partitioned one's placeholder is empty: ds_shape)."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
 def held_numel(model) -> int:
     """Elements this rank holds: its partition of partitioned parameters, all of the rest."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
