@@ -63,9 +63,10 @@ def test_the_console_shows_shardtunes_lines_and_the_framework_goes_to_the_log(tr
 
 def test_accumulation_and_evaluation_every_n_steps(trained_run):
     metrics = json.loads((trained_run["dir"] / "metrics.json").read_text())
-    # 360 rows -> 180 per worker -> 45 micro-batches of 4 -> 22 steps of 2 micro-batches
-    assert metrics["summary"]["steps"] == 3 * 22
-    assert [m["step"] for m in metrics["history"]] == [0, 22, 25, 44, 50, 66]
+    # 360 rows -> 22 global batches of 2 workers x 2 micro-batches x 4, and the last 8 rows
+    # shared out as one more step (2 workers x 2 micro-batches of 2): 23 steps an epoch
+    assert metrics["summary"]["steps"] == 3 * 23
+    assert [m["step"] for m in metrics["history"]] == [0, 23, 25, 46, 50, 69]
     assert metrics["final"]["accuracy"] >= 0.8
 
 
@@ -174,8 +175,9 @@ def test_too_little_data_is_refused_before_launch(trained_run, tmp_path):
     raw = copy.deepcopy(trained_run["raw"])
     raw["output"]["dir"] = str(tmp_path / "out")
     recipe = write_recipe(tmp_path / "r.yaml", raw)
+    # 5 rows a worker cannot fill its 8 micro-batches of an optimizer step
     result = cli.invoke(app, ["run", str(recipe), "data.max_train_examples=10", "train.micro_batch_size=8",
-                              "train.gradient_accumulation_steps=2"])
+                              "train.gradient_accumulation_steps=8"])
     assert result.exit_code == 2, result.output
     assert "too few for one optimizer step" in result.output and "lower those" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -189,9 +191,9 @@ def test_worker_side_error_surfaces_as_itself(trained_run, tmp_path):
     from shardtune.recipe import validate_recipe
 
     raw = copy.deepcopy(trained_run["raw"])
-    raw["data"]["max_train_examples"] = 10  # 5 per worker: no full accumulation window of 2 x 8
+    raw["data"]["max_train_examples"] = 10  # 5 per worker: not an example for each of 8 micro-batches
     raw["train"]["micro_batch_size"] = 8
-    raw["train"]["gradient_accumulation_steps"] = 2
+    raw["train"]["gradient_accumulation_steps"] = 8
     raw["output"]["dir"] = str(tmp_path / "out")
     (tmp_path / "staging").mkdir()
     with pytest.raises(DataError, match="too few for one optimizer step"):
