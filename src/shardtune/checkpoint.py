@@ -298,8 +298,7 @@ def _set_model_weight(param, value: torch.Tensor) -> None:
 
 def _optimizer_step(engine) -> float:
     """Adam's step count (its bias correction), the same for every parameter."""
-    steps = [float(s["step"]) for s in engine.basic_optimizer.state.values() if "step" in s]
-    return steps[0] if steps else 0.0
+    return next((float(s["step"]) for s in engine.basic_optimizer.state.values() if "step" in s), 0.0)
 
 
 def _weights_only(checkpoint_engine):
